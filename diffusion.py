@@ -1,0 +1,405 @@
+"""
+Gaussian diffusion shared by every backbone (DiT, U-ViT, DiffiT). Independent of them: a model is any
+callable `model(x, t, **model_kwargs)` that takes integer timesteps t in 0..T-1.
+
+Where each equation lives (read beside the papers):
+  DDPM          Ho et al. 2020, arXiv 2006.11239   q(x_t|x_0) Eq. 4, posterior Eqs. 6-7, eps-mean Eq. 11,
+                                                   L_simple Eq. 14, ancestral sampling Alg. 2, decoder Eq. 13
+  Improved DDPM Nichol & Dhariwal 2021, 2102.09672 cosine schedule Eq. 17, learned-range Sigma Eq. 15,
+                                                   L_hybrid Eq. 16, respacing §4
+  DDIM          Song et al. 2021, 2010.02502       generalized step Eq. 12
+  DPM-Solver++  Lu et al. 2022, 2211.01095         multistep 2M, Alg. 2
+  CFG           Ho & Salimans 2022, 2207.12598     eps_u + s (eps_c - eps_u)
+  v-prediction  Salimans & Ho 2022, 2202.00512     §4, Appendix D
+
+All schedule arithmetic is float64 numpy; values are gathered per sample and cast to the input's dtype.
+"""
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# Noise schedules
+# ----------------------------------------------------------------------------------------------------
+
+SCHEDULES = ("linear", "cosine", "scaled_linear")
+PREDICTIONS = ("eps", "x0", "v")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+
+
+def make_betas(schedule, timesteps=1000):
+    """beta_1..beta_T in float64 for a named schedule."""
+    if schedule == "linear":  # DDPM / ADM: 1e-4 -> 0.02 at T=1000, scaled so any T spans the same range
+        scale = 1000 / timesteps
+        return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+    if schedule == "cosine":  # Improved DDPM Eq. 17, with s = 0.008 and betas clipped at 0.999
+        f = lambda t: math.cos((t / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.array([min(1 - f(i + 1) / f(i), 0.999) for i in range(timesteps)], dtype=np.float64)
+    if schedule == "scaled_linear":  # LDM / Stable Diffusion (U-ViT's discrete latent models)
+        return np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, timesteps, dtype=np.float64) ** 2
+    raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {SCHEDULES}")
+
+
+def space_timesteps(timesteps, steps):
+    """The K of T original steps kept by a respaced sampler: evenly strided, ends included (ADM §4)."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"sampler steps must be in 1..{timesteps}, got {steps}")
+    if steps == 1:
+        return [timesteps - 1]
+    stride, cur, kept = (timesteps - 1) / (steps - 1), 0.0, []
+    for _ in range(steps):  # accumulate exactly as ADM's space_timesteps, so DiT's 250 steps match
+        kept.append(round(cur))
+        cur += stride
+    return kept
+
+
+def logsnr_timesteps(alphas_cumprod, steps):
+    """Steps evenly spaced in lambda = log(alpha/sigma) rather than in t: what DPM-Solver recommends for
+    low-resolution pixel models (its 'logSNR' grid). Nearest original step to each target; duplicates at
+    the low-noise end are merged, so very large `steps` can keep a few less."""
+    lam = 0.5 * np.log(alphas_cumprod) - 0.5 * np.log1p(-alphas_cumprod)
+    targets = np.linspace(lam[-1], lam[0], steps)
+    return sorted({int(np.abs(lam - v).argmin()) for v in targets})
+
+
+def power_cosine_guidance(scale, power=4.0, timesteps=1000):
+    """MDT/DiffiT guidance schedule (DiffiT §5.8): s(t) = 1 + (s_max - 1) (1 - cos(pi ((T - t)/T)^power)) / 2.
+    About 1 at the start of sampling (t near T), s_max at t = 0. Pass it as `cfg_scale` to any sampler."""
+    def schedule(t):
+        frac = (1.0 - t.double() / timesteps) ** power
+        return 1.0 + (scale - 1.0) * 0.5 * (1.0 - torch.cos(math.pi * frac))
+    return schedule
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gaussian helpers (ADM's losses, in nats)
+# ----------------------------------------------------------------------------------------------------
+
+def mean_flat(x):
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    # the tanh approximation ADM (and so DiT) trains with; kept for identical losses
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log p(x) of data in [-1, 1] quantised to 256 bins of width 2/255 (DDPM Eq. 13), edges open-ended."""
+    centered, inv_std = x - means, torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255))
+    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The diffusion process
+# ----------------------------------------------------------------------------------------------------
+
+class GaussianDiffusion:
+    """Discrete-time Gaussian diffusion over T steps (DDPM), with ADM's learned-range variance option.
+
+    schedule      'linear' | 'cosine' | 'scaled_linear' (or pass `betas` directly)
+    prediction    what the model outputs: 'eps' (default), 'x0' or 'v'
+    learn_sigma   the model outputs 2C channels; the extra C are v in [-1, 1] (Improved DDPM Eq. 15)
+    fixed_variance  without learned sigma: 'large' (sigma^2 = beta_t, DDPM's CIFAR choice and ADM's
+                    default) or 'small' (sigma^2 = posterior variance beta~_t)
+    """
+
+    def __init__(self, schedule="linear", timesteps=1000, prediction="eps", learn_sigma=False,
+                 fixed_variance="large", betas=None, timestep_map=None):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+        if fixed_variance not in ("large", "small"):
+            raise ValueError(f"fixed_variance must be 'large' or 'small', got {fixed_variance!r}")
+        betas = make_betas(schedule, timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
+            raise ValueError(f"betas must be a 1-D array with values in (0, 1]; the {schedule!r} schedule with "
+                             f"T={len(betas)} gives max {betas.max():.3g} (the linear schedule needs T >= 20)")
+        self.schedule, self.prediction, self.learn_sigma = schedule, prediction, learn_sigma
+        self.fixed_variance = fixed_variance
+        self.num_timesteps = T = len(betas)
+        # the original index of each step; the identity unless this is a respaced copy
+        self.timestep_map = np.arange(T) if timestep_map is None else np.asarray(timestep_map)
+
+        self.betas = betas
+        alphas = 1.0 - betas
+        self.alphas_cumprod = ac = np.cumprod(alphas)                      # alpha-bar_t
+        self.alphas_cumprod_prev = ac_prev = np.append(1.0, ac[:-1])       # alpha-bar_{t-1}
+        self.sqrt_alphas_cumprod = np.sqrt(ac)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ac)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1.0)
+        # posterior q(x_{t-1} | x_t, x_0), DDPM Eqs. 6-7
+        self.posterior_variance = pv = betas * (1.0 - ac_prev) / (1.0 - ac)
+        # pv[0] = 0: clip the log at t=0 to pv[1] (as ADM) so it stays finite
+        self.posterior_log_variance_clipped = np.log(np.append(pv[1], pv[1:])) if T > 1 else np.log(betas)
+        self.posterior_mean_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
+        self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
+
+    def respaced(self, steps, spacing="uniform"):
+        """A copy that keeps K of the T steps: betas recomputed from the kept alpha-bars so that the
+        marginals q(x_t | x_0) are unchanged; the model still sees the ORIGINAL t (ADM respace.py).
+        spacing: 'uniform' in t (ADM/DiT) or 'logsnr' (uniform in lambda, see logsnr_timesteps)."""
+        if spacing not in ("uniform", "logsnr"):
+            raise ValueError(f"unknown step spacing {spacing!r}; choose 'uniform' or 'logsnr'")
+        kept = space_timesteps(self.num_timesteps, steps)  # also checks 1 <= steps <= T
+        if spacing == "logsnr":
+            kept = logsnr_timesteps(self.alphas_cumprod, steps)
+        ac = self.alphas_cumprod[kept]
+        betas = 1.0 - ac / np.append(1.0, ac[:-1])
+        return GaussianDiffusion(self.schedule, prediction=self.prediction, learn_sigma=self.learn_sigma,
+                                 fixed_variance=self.fixed_variance, betas=betas,
+                                 timestep_map=self.timestep_map[kept])
+
+    @staticmethod
+    def _gather(arr, t, x):
+        """arr[t] reshaped to broadcast against x: (B,) -> (B, 1, 1, ...)."""
+        out = torch.from_numpy(arr).to(device=t.device)[t].to(x.dtype)
+        return out.reshape(-1, *([1] * (x.ndim - 1)))
+
+    # ----- forward process and posterior -----
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps  (DDPM Eq. 4)."""
+        g = lambda a: self._gather(a, t, x0)
+        return g(self.sqrt_alphas_cumprod) * x0 + g(self.sqrt_one_minus_alphas_cumprod) * noise
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)  (DDPM Eqs. 6-7)."""
+        g = lambda a: self._gather(a, t, x_t)
+        mean = g(self.posterior_mean_coef1) * x0 + g(self.posterior_mean_coef2) * x_t
+        return mean, g(self.posterior_variance), g(self.posterior_log_variance_clipped)
+
+    # ----- the model's parameterisations -----
+
+    def predict_x0_eps(self, pred, x_t, t):
+        """(x0, eps) implied by the model's prediction of eps, x0 or v."""
+        g = lambda a: self._gather(a, t, x_t)
+        if self.prediction == "eps":
+            return g(self.sqrt_recip_alphas_cumprod) * x_t - g(self.sqrt_recipm1_alphas_cumprod) * pred, pred
+        a, s = g(self.sqrt_alphas_cumprod), g(self.sqrt_one_minus_alphas_cumprod)
+        if self.prediction == "x0":
+            return pred, (x_t - a * pred) / s
+        return a * x_t - s * pred, a * pred + s * x_t  # v = a eps - s x0  (Salimans & Ho §4)
+
+    def target(self, x0, noise, t):
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        g = lambda a: self._gather(a, t, x0)
+        return g(self.sqrt_alphas_cumprod) * noise - g(self.sqrt_one_minus_alphas_cumprod) * x0
+
+    def split_output(self, out, channels):
+        """Model output -> (prediction, variance values or None)."""
+        if not self.learn_sigma:
+            if out.shape[1] != channels:
+                raise ValueError(f"model returned {out.shape[1]} channels, expected {channels}; "
+                                 "a learned-sigma model needs GaussianDiffusion(learn_sigma=True)")
+            return out, None
+        if out.shape[1] != 2 * channels:
+            raise ValueError(f"learn_sigma expects 2x{channels} output channels, got {out.shape[1]}; "
+                             "build the model with learn_sigma=True or the diffusion with learn_sigma=False")
+        return out[:, :channels], out[:, channels:]
+
+    def p_mean_variance(self, out, x_t, t, clip_denoised=False):
+        """Mean and log variance of p(x_{t-1} | x_t) from the raw model output (DDPM Eq. 11 via x0)."""
+        pred, var_values = self.split_output(out, x_t.shape[1])
+        g = lambda a: self._gather(a, t, x_t)
+        if var_values is not None:  # learned range, Improved DDPM Eq. 15
+            frac = (var_values + 1) / 2
+            log_var = frac * g(np.log(self.betas)) + (1 - frac) * g(self.posterior_log_variance_clipped)
+        elif self.fixed_variance == "large":  # beta_t, with the t=0 term set to beta~_1 as ADM does
+            log_var = g(np.log(np.append(self.posterior_variance[1], self.betas[1:])))
+        else:
+            log_var = g(self.posterior_log_variance_clipped)
+        x0, eps = self.predict_x0_eps(pred, x_t, t)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        mean, _, _ = self.q_posterior(x0, x_t, t)
+        return mean, log_var, x0, eps
+
+    # ----- training -----
+
+    def training_losses(self, model, x0, t=None, noise=None, model_kwargs=None):
+        """Per-sample losses: 'mse' (L_simple, DDPM Eq. 14) and, with learned sigma, 'vb' (L_vlb term in
+        bits/dim with the mean detached, so it trains only the variance: Improved DDPM L_hybrid Eq. 16)."""
+        model_kwargs = model_kwargs or {}
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, self._model_t(t), **model_kwargs)
+        pred, var_values = self.split_output(out, x0.shape[1])
+        terms = {"mse": mean_flat((self.target(x0, noise, t) - pred.float()) ** 2)}
+        if var_values is not None:
+            frozen = torch.cat([pred.detach(), var_values], dim=1)
+            terms["vb"] = self._vb_terms_bpd(frozen, x0, x_t, t)
+            terms["loss"] = terms["mse"] + terms["vb"]
+        else:
+            terms["loss"] = terms["mse"]
+        return terms
+
+    def _vb_terms_bpd(self, out, x0, x_t, t):
+        """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, the decoder NLL L_0 at t = 0; bits."""
+        out, x0, x_t = out.float(), x0.float(), x_t.float()
+        true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
+        mean, log_var, _, _ = self.p_mean_variance(out, x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def _model_t(self, t):
+        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+
+    # ----- likelihood -----
+
+    def prior_bpd(self, x0):
+        """KL(q(x_T | x_0) || N(0, I)) in bits/dim: the L_T term."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean = self._gather(self.sqrt_alphas_cumprod, t, x0) * x0
+        log_var = torch.log(self._gather(1.0 - self.alphas_cumprod, t, x0))
+        return mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / math.log(2.0)
+
+    @torch.no_grad()
+    def bits_per_dim(self, model, x0, model_kwargs=None, num_t=None, generator=None, progress=False):
+        """Variational bound (negative ELBO) in bits/dim per sample: L_T + sum_t L_{t-1} + L_0.
+        num_t=None sums all T terms; num_t=k is the unbiased estimate T/k * sum over k random distinct t.
+        Needs a learned-sigma model or a fixed variance; eps/x0/v all work."""
+        T = self.num_timesteps
+        if num_t is None:
+            ts, weight = torch.arange(T), 1.0
+        else:
+            if not 1 <= num_t <= T:
+                raise ValueError(f"num_t must be in 1..{T}, got {num_t}")
+            ts, weight = torch.randperm(T, generator=generator)[:num_t], T / num_t
+        total = self.prior_bpd(x0)
+        for t_val in tqdm(ts.tolist(), disable=not progress, desc="bits/dim"):
+            t = torch.full((x0.shape[0],), t_val, device=x0.device, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=generator).to(x0) if generator is not None \
+                else torch.randn_like(x0)
+            x_t = self.q_sample(x0, t, noise)
+            out = model(x_t, self._model_t(t), **(model_kwargs or {}))
+            total = total + weight * self._vb_terms_bpd(out, x0, x_t, t)
+        return total
+
+    # ----- sampling -----
+
+    def _guided_output(self, model, x, t, model_kwargs, cfg_scale, null_label, cfg_channels):
+        """One model call at respaced step t, with classifier-free guidance when cfg_scale != 1:
+        pred = pred_u + s (pred_c - pred_u) on the first `cfg_channels` prediction channels (all by
+        default; 3 reproduces the official DiT); the remaining channels and sigma come from the
+        conditional half. Guiding x0 or v is the same as guiding eps: they are affine in eps."""
+        t_model = self._model_t(t)
+        guided = callable(cfg_scale) or cfg_scale != 1.0
+        if not guided:
+            return model(x, t_model, **model_kwargs)
+        if null_label is None or model_kwargs.get("y") is None:
+            raise ValueError("classifier-free guidance needs labels model_kwargs['y'] and the null_label")
+        y = model_kwargs["y"]
+        kwargs = {**model_kwargs, "y": torch.cat([y, torch.full_like(y, null_label)])}
+        out = model(torch.cat([x, x]), torch.cat([t_model, t_model]), **kwargs)
+        cond, uncond = out.chunk(2)
+        scale = cfg_scale(t_model) if callable(cfg_scale) else cfg_scale
+        if torch.is_tensor(scale):
+            scale = scale.to(out.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        k = x.shape[1] if cfg_channels is None else cfg_channels
+        guided_part = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+        return torch.cat([guided_part, cond[:, k:]], dim=1)
+
+    @torch.no_grad()
+    def sample(self, model, shape, sampler="ddpm", steps=None, eta=0.0, model_kwargs=None, cfg_scale=1.0,
+               null_label=None, cfg_channels=None, noise=None, generator=None, device=None, progress=False,
+               clip_denoised=False, spacing=None):
+        """Draw samples x_0 of `shape` by one of three samplers over `steps` respaced steps (default T).
+
+        ddpm     ancestral sampling, DDPM Alg. 2, with the model's (learned or fixed) variance
+        ddim     DDIM Eq. 12 with eta (0 = deterministic, 1 = DDPM-like)
+        dpm++2m  DPM-Solver++(2M) in lambda = log(alpha/sigma), data prediction, one model call per step
+        cfg_scale is a float or a callable of the original t (e.g. power_cosine_guidance(4.6)).
+        spacing of the kept steps: 'uniform' in t (default for ddpm/ddim; DiT's 250-step sampler) or
+        'logsnr' (default for dpm++2m: with linear betas, uniform-t steps make its last steps span huge
+        lambda intervals; on Gaussian data 20 logSNR steps land within 2% of the true std).
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        model_kwargs = model_kwargs or {}
+        if device is None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu")) \
+                if isinstance(model, torch.nn.Module) else torch.device("cpu")
+        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
+        spacing = spacing or ("logsnr" if sampler == "dpm++2m" else "uniform")
+        diff = self if steps is None or steps == self.num_timesteps else self.respaced(steps, spacing)
+        call = lambda x, t: diff._guided_output(model, x, t, model_kwargs, cfg_scale, null_label, cfg_channels)
+        step = {"ddpm": diff._ddpm_step, "ddim": diff._ddim_step, "dpm++2m": diff._dpm_solver_step}[sampler]
+        state = {"eta": eta, "clip": clip_denoised, "generator": generator, "x0_prev": None, "t_prev": None}
+        for i in tqdm(range(diff.num_timesteps - 1, -1, -1), disable=not progress, desc=sampler):
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            x = step(call(x, t), x, t, i, state)
+        return x
+
+    def _noise_like(self, x, generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    def _ddpm_step(self, out, x, t, i, state):
+        """x_{t-1} = mu(x_t, x0) + sigma_t z, no noise at the last step  (DDPM Alg. 2)."""
+        mean, log_var, _, _ = self.p_mean_variance(out, x, t, state["clip"])
+        if i == 0:
+            return mean
+        return mean + torch.exp(0.5 * log_var) * self._noise_like(x, state["generator"])
+
+    def _ddim_step(self, out, x, t, i, state):
+        """x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - c^2) eps + c z,
+        c = eta sqrt((1 - ab_t/ab_s)(1 - ab_s)/(1 - ab_t)); the last step lands on ab = 1 (DDIM Eq. 12)."""
+        pred, _ = self.split_output(out, x.shape[1])
+        x0, eps = self.predict_x0_eps(pred, x, t)
+        if state["clip"]:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - self._gather(self.sqrt_alphas_cumprod, t, x) * x0) / \
+                self._gather(self.sqrt_one_minus_alphas_cumprod, t, x)
+        ab, ab_prev = self._gather(self.alphas_cumprod, t, x), self._gather(self.alphas_cumprod_prev, t, x)
+        c = state["eta"] * torch.sqrt((1 - ab / ab_prev) * (1 - ab_prev) / (1 - ab))
+        x_prev = torch.sqrt(ab_prev) * x0 + torch.sqrt((1 - ab_prev - c ** 2).clamp(min=0)) * eps
+        if state["eta"] > 0 and i > 0:
+            x_prev = x_prev + c * self._noise_like(x, state["generator"])
+        return x_prev
+
+    def _lambda(self, t_idx):
+        """lambda = log(alpha / sigma) at respaced index t_idx (an int); +inf past the last step."""
+        if t_idx < 0:
+            return math.inf
+        ab = self.alphas_cumprod[t_idx]
+        return 0.5 * math.log(ab) - 0.5 * math.log1p(-ab)
+
+    def _dpm_solver_step(self, out, x, t, i, state):
+        """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), from step t to s = t-1 with h = lambda_s - lambda_t:
+        x_s = (sigma_s/sigma_t) x_t - alpha_s (e^{-h} - 1) D,  D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,
+        r = h_prev / h. The first step, and the final one into sigma = 0, are first order (D = x0_t)."""
+        pred, _ = self.split_output(out, x.shape[1])
+        x0, _ = self.predict_x0_eps(pred, x, t)
+        if state["clip"]:
+            x0 = x0.clamp(-1, 1)
+        if i == 0:  # sigma_s = 0: the update is exactly x0
+            return x0
+        ab, ab_s = self.alphas_cumprod[i], self.alphas_cumprod[i - 1]
+        lam_t, lam_s = self._lambda(i), self._lambda(i - 1)
+        h = lam_s - lam_t
+        d = x0
+        if state["x0_prev"] is not None:
+            r = (lam_t - self._lambda(state["t_prev"])) / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * state["x0_prev"]
+        state["x0_prev"], state["t_prev"] = x0, i
+        sigma_ratio = math.sqrt((1 - ab_s) / (1 - ab))
+        return sigma_ratio * x - math.sqrt(ab_s) * math.expm1(-h) * d
