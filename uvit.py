@@ -1,0 +1,248 @@
+"""U-ViT backbone: "All are Worth Words: A ViT Backbone for Diffusion Models" (Bao et al., CVPR 2023, arXiv 2209.12152).
+
+U-ViT treats everything as a token (§3.1). The diffusion time, the class label and the noisy image patches form one
+sequence for a plain pre-norm ViT. Long skip connections join shallow and deep blocks (§3.1, Fig. 1). Parameter
+names and shapes follow the official baofff/U-ViT libs/uvit.py, so the released .pth state_dicts load with
+strict=True. The official ImageNet tables have 1001 rows; load them with num_classes=1000 and class_dropout_prob > 0.
+"""
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+ATTENTION_BACKENDS = ("sdpa", "math")
+
+
+# ----- Embedding layers -----
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal time embedding [cos(t*f_k), sin(t*f_k)] with f_k = max_period^(-k/half), cos first (GLIDE/DiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half), float32 like the official code
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    if dim % 2:  # odd width: one zero channel keeps the shape
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb  # (B, dim)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens with one strided conv (kernel = stride = p, with bias)."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
+
+
+# ----- Transformer block -----
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv Linear; rows laid out (3, heads, head_dim) = [q; k; v]."""
+
+    def __init__(self, dim, num_heads, qkv_bias=False, attention="sdpa"):
+        super().__init__()
+        self.num_heads, self.attention = num_heads, attention
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, N, Dh)
+        if self.attention == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v)  # fused kernel, same maths as below
+        else:
+            attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
+            x = attn.softmax(dim=-1) @ v  # (B, H, N, Dh)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with exact (erf) GELU, as in the ViT block."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block. Out-blocks first merge the long skip: x = Linear(concat(x, skip)) (U-ViT §3.1)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, attention, skip=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)  # affine, eps 1e-5
+        self.attn = Attention(dim, num_heads, qkv_bias, attention)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None  # defined last: official key order
+
+    def forward(self, x, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, L, 2D) -> (B, L, D), x first
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# ----- U-ViT -----
+
+class UViT(nn.Module):
+    """U-ViT (Bao et al. §3): tokens [label, time, patches] -> in-blocks -> mid-block -> out-blocks with long skips."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=3, hidden_size=512, depth=12, num_heads=8,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=0, learn_sigma=False, qkv_bias=False,
+                 mlp_time_embed=False, conv=True, skip=True, attention="sdpa", grad_checkpoint=False):
+        super().__init__()
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        if patch_size < 1 or input_size % patch_size:
+            raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        if depth < 2 or depth % 2:
+            raise ValueError(f"depth must be even and >= 2 (depth//2 in-blocks + mid + depth//2 out-blocks), "
+                             f"got {depth}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = unconditional; the official code's -1), got {num_classes}")
+        if not 0.0 <= class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
+        self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.grad_checkpoint = grad_checkpoint
+        self.extras = 2 if num_classes > 0 else 1  # label + time tokens, or time only
+        num_patches = (input_size // patch_size) ** 2
+        block = partial(Block, hidden_size, num_heads, mlp_ratio, qkv_bias, attention)
+
+        self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size)
+        # The time token is the raw sinusoid unless mlp_time_embed (off in every official config).
+        self.time_embed = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.SiLU(),
+                                        nn.Linear(4 * hidden_size, hidden_size)) if mlp_time_embed else nn.Identity()
+        # With CFG dropout the table gets one extra "null" row at index num_classes (official ImageNet: 1001 rows).
+        self.label_emb = nn.Embedding(num_classes + int(class_dropout_prob > 0), hidden_size) if num_classes else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, hidden_size))  # learned
+        self.in_blocks = nn.ModuleList([block() for _ in range(depth // 2)])
+        self.mid_block = block()
+        self.out_blocks = nn.ModuleList([block(skip=skip) for _ in range(depth // 2)])
+        self.norm = nn.LayerNorm(hidden_size)
+        self.decoder_pred = nn.Linear(hidden_size, patch_size ** 2 * self.out_channels)
+        # Optional 3x3 conv smoothing across patch borders (U-ViT §3.1); the Huge configs have none.
+        self.final_layer = nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1) if conv else nn.Identity()
+        self.initialize_weights()
+
+    @property
+    def null_label(self):
+        """Index of the CFG null label, or None when the label table has no null row."""
+        return self.num_classes if self.num_classes > 0 and self.class_dropout_prob > 0 else None
+
+    def initialize_weights(self):
+        """Official init: trunc-normal(0.02) pos_embed and Linear weights, zero Linear biases, LayerNorm (1, 0).
+        Convs and label_emb keep PyTorch defaults (Embedding ~ N(0, 1)); there is no zero-init anywhere."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def drop_labels(self, y):
+        """CFG label dropout: each label becomes the null index num_classes with prob class_dropout_prob.
+        Our addition for CFG training; the official code drops labels in the dataset instead (CFGDataset)."""
+        drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def unpatchify(self, x):
+        """(B, N, p*p*C) -> (B, C, H, W); each token is laid out (p, p, C) as in DiT."""
+        B, p, c, h = x.shape[0], self.patch_size, self.out_channels, self.input_size // self.patch_size
+        x = x.reshape(B, h, h, p, p, c)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(B, c, h * p, h * p)
+
+    def _check_inputs(self, x, t, y):
+        shape = (self.in_channels, self.input_size, self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+        B = x.shape[0]
+        if not torch.is_tensor(t) or t.shape != (B,):
+            raise ValueError(f"t must be a tensor of shape ({B},) with DDPM indices 0..999, got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+        if self.label_emb is None:
+            return  # unconditional: y is ignored
+        if y is None:
+            raise ValueError(f"this model is class-conditional: pass y (B,) with labels in 0..{self.num_classes - 1}"
+                             + (f" or the null label {self.null_label}" if self.null_label is not None else ""))
+        if y.shape != (B,) or y.dtype.is_floating_point or y.dtype.is_complex:
+            raise ValueError(f"y must be an integer tensor of shape ({B},), got {y.dtype} {tuple(y.shape)}")
+        rows = self.label_emb.num_embeddings
+        if B and (int(y.min()) < 0 or int(y.max()) >= rows):
+            raise ValueError(f"labels must lie in 0..{rows - 1}, got min {int(y.min())} max {int(y.max())}")
+
+    def _run(self, blk, *args):
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)  # recompute in backward
+        return blk(*args)
+
+    def forward(self, x, t, y=None):
+        """x (B, C, H, W), t (B,) DDPM index 0..999, y (B,) labels or None -> (B, C_out, H, W).
+
+        The official CIFAR-10 model was trained in continuous VP-SDE time and fed t*999 as a float. Our shared
+        diffusion module is discrete (T=1000) and feeds the integer index, which lies on the same 0..999 scale, so
+        the embedding sees the same range (the official discrete-time H models take an integer n as well)."""
+        self._check_inputs(x, t, y)
+        x = self.patch_embed(x)  # (B, N, D)
+        time_token = self.time_embed(timestep_embedding(t, self.hidden_size).to(x.dtype))  # (B, D)
+        tokens = [time_token[:, None], x]
+        if self.label_emb is not None:
+            if self.training and self.class_dropout_prob > 0:
+                y = self.drop_labels(y)
+            tokens.insert(0, self.label_emb(y)[:, None])  # label first: [label, time, patches]
+        x = torch.cat(tokens, dim=1) + self.pos_embed  # (B, extras + N, D)
+        skips = []
+        for blk in self.in_blocks:
+            x = self._run(blk, x)
+            skips.append(x)
+        x = self._run(self.mid_block, x)
+        for blk in self.out_blocks:
+            x = self._run(blk, x, skips.pop())  # LIFO: the deepest in-block feeds the first out-block
+        x = self.decoder_pred(self.norm(x))[:, self.extras:]  # drop extra tokens: (B, N, p*p*C_out)
+        return self.final_layer(self.unpatchify(x))  # (B, C_out, H, W)
+
+
+# ----- Configs (U-ViT Table 2 widths/depths/heads; data settings from the official configs) -----
+# depth has the official meaning: depth 12 -> 6 in + 1 mid + 6 out = 13 blocks.
+# U-ViT-L/4 defaults to ImageNet-64 pixels; for the ImageNet-512 latent model pass
+# in_channels=4, class_dropout_prob=0.15 (its official label table has 1001 rows).
+
+MODELS = {
+    "U-ViT-S/2": partial(UViT, input_size=32, patch_size=2, in_channels=3, hidden_size=512, depth=12, num_heads=8,
+                         num_classes=0, class_dropout_prob=0.0),  # CIFAR-10
+    "U-ViT-S/2-Deep": partial(UViT, input_size=32, patch_size=2, in_channels=3, hidden_size=512, depth=16,
+                              num_heads=8, num_classes=0, class_dropout_prob=0.0),  # CIFAR-10
+    "U-ViT-S/4": partial(UViT, input_size=64, patch_size=4, in_channels=3, hidden_size=512, depth=12, num_heads=8,
+                         num_classes=0, class_dropout_prob=0.0),  # CelebA 64
+    "U-ViT-M/4": partial(UViT, input_size=64, patch_size=4, in_channels=3, hidden_size=768, depth=16, num_heads=12,
+                         num_classes=1000, class_dropout_prob=0.0),  # ImageNet 64, no CFG (1000 rows)
+    "U-ViT-L/4": partial(UViT, input_size=64, patch_size=4, in_channels=3, hidden_size=1024, depth=20,
+                         num_heads=16, num_classes=1000, class_dropout_prob=0.0),  # ImageNet 64, no CFG
+    "U-ViT-L/2": partial(UViT, input_size=32, patch_size=2, in_channels=4, hidden_size=1024, depth=20,
+                         num_heads=16, num_classes=1000, class_dropout_prob=0.15),  # ImageNet 256 latent, p_uncond 0.15
+    "U-ViT-H/2": partial(UViT, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                         num_heads=16, num_classes=1000, class_dropout_prob=0.1, conv=False),  # ImageNet 256 latent
+    "U-ViT-H/4": partial(UViT, input_size=64, patch_size=4, in_channels=4, hidden_size=1152, depth=28,
+                         num_heads=16, num_classes=1000, class_dropout_prob=0.1, conv=False),  # ImageNet 512 latent
+    "U-ViT-Tiny": partial(UViT, input_size=32, patch_size=2, in_channels=3, hidden_size=128, depth=6, num_heads=4,
+                          num_classes=0, class_dropout_prob=0.0),  # CPU-sized, CIFAR-10 geometry
+}
