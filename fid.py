@@ -1,0 +1,502 @@
+"""FID and Inception Score in plain PyTorch + numpy (no TensorFlow, scipy or torchvision): pytorch-fid's FID
+Inception-v3 (TF graph inception-2015-12-05; Szegedy et al. 2016) written by hand, its SHA-1-checked weights, streaming
+float64 statistics, the Frechet distance (Heusel et al. 2017) and the Inception Score (Salimans et al. 2016).
+
+    python fid.py samples.npz --ref cifar10-train         # FID + IS of arr_0 (uint8 N,H,W,3) vs CIFAR-10 train
+    python fid.py samples_dir/ --ref my_stats.npz          # image folder (PNG/JPG) vs a pytorch-fid stats npz
+    python fid.py --make-ref cifar10-train --data-dir data # cache mu/sigma of the 50k training images
+
+Numbers are "pytorch-fid-equivalent FID"; FID is biased by sample count, so compare only at a fixed N (50k).
+"""
+import argparse
+import contextlib
+import hashlib
+import os
+import urllib.request
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_SHA1 = "bd836944fd6db519dfd8d924aa457f5b3c8357ff"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "dit-from-scratch")  # weights + reference statistics
+NAMED_REFS = {"cifar10-train": True, "cifar10-test": False}  # reference name -> load_cifar10(train=...)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+# ----- Inception-v3 building blocks (pytorch-fid's FID variant of the TF graph) -----
+
+class BasicConv2d(nn.Module):
+    """Conv (no bias) -> BatchNorm(eps=1e-3) -> ReLU: every Inception-v3 layer."""
+    def __init__(self, c_in, c_out, **conv_kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, bias=False, **conv_kwargs)
+        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def tf_avg_pool(x):
+    # TF's 3x3/1 average pool ignores the zero padding (torchvision's blocks count it; FID blocks must not)
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(nn.Module):
+    """Mixed_5b/5c/5d at 35x35: 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1 (Szegedy et al. 2016, Fig. 5)."""
+    def __init__(self, c_in, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(c_in, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([b1, b5, b3, self.branch_pool(tf_avg_pool(x))], 1)  # (B, 224 + pool_features, 35, 35)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a, grid reduction 35->17: 3x3/2 | 1x1->3x3->3x3/2 | maxpool 3x3/2 (torchvision's, unchanged)."""
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(c_in, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3(x)
+        bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([b3, bd, F.max_pool2d(x, kernel_size=3, stride=2)], 1)  # (B, 384 + 96 + c_in, 17, 17)
+
+
+class FIDInceptionC(nn.Module):
+    """Mixed_6b..6e at 17x17 with 7x7 factorised into 1x7 and 7x1 (Szegedy et al. 2016, Fig. 6)."""
+    def __init__(self, c_in, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = self.branch7x7dbl_1(x)
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(bd))))
+        return torch.cat([b1, b7, bd, self.branch_pool(tf_avg_pool(x))], 1)  # (B, 768, 17, 17)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a, grid reduction 17->8: 1x1->3x3/2 | 1x1->1x7->7x1->3x3/2 | maxpool 3x3/2 (torchvision's)."""
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([b3, b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)  # (B, 320 + 192 + c_in, 8, 8)
+
+
+class FIDInceptionE(nn.Module):
+    """Mixed_7b/7c at 8x8, expanded filter bank (Szegedy et al. 2016, Fig. 7). Mixed_7c's pool branch max-pools:
+    pytorch-fid calls that TF graph detail likely an error and keeps it for fidelity, as must we."""
+    def __init__(self, c_in, max_pool=False):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(c_in, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)  # (B, 768, 8, 8)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)  # (B, 768, 8, 8)
+        p = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else tf_avg_pool(x)
+        return torch.cat([b1, b3, bd, self.branch_pool(p)], 1)  # (B, 2048, 8, 8)
+
+# ----- The FID network -----
+
+def preprocess(x):
+    """pytorch-fid preprocessing: float (B, 3, H, W) in [0, 1] -> bilinear 299x299 (align_corners=False) -> [-1, 1]."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected float images (B, 3, H, W) in [0, 1], got shape {tuple(x.shape)}")
+    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
+class InceptionV3FID(nn.Module):
+    """pytorch-fid's FID Inception-v3 with torchvision's key names. forward(x): float (B, 3, H, W) in [0, 1] ->
+    (pool3 features (B, 2048), logits (B, 1008)). Always in eval mode (BatchNorm keeps the TF running statistics)."""
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280)
+        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # TF's softmax layer: 1000 ImageNet classes + 8 background/unused
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # a metric network: never let BatchNorm switch to batch statistics
+
+    def forward(self, x):
+        x = preprocess(x)                                                  # (B, 3, 299, 299)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                       # (B, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                      # (B, 192, 71, 71)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                       # (B, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))                 # (B, 288, 35, 35)
+        x = self.Mixed_6a(x)                                               # (B, 768, 17, 17)
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (B, 768, 17, 17)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                 # (B, 2048, 8, 8)
+        pool = F.adaptive_avg_pool2d(x, 1).flatten(1)                      # (B, 2048) "pool3"
+        return pool, self.fc(pool)                                         # logits (B, 1008)
+
+# ----- Weights: download, checksum, load -----
+
+def sha1_of(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_weights(dst, url=None, sha1=None, progress=True):
+    """Fetch url (default FID_WEIGHTS_URL) to a temp file beside dst, check its SHA-1, then rename atomically."""
+    url, sha1 = url or FID_WEIGHTS_URL, sha1 or FID_WEIGHTS_SHA1
+    hint = f"download {url} by hand and place it at {dst} (or pass --weights PATH / set $FID_WEIGHTS)"
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    tmp = f"{dst}.{os.getpid()}.part"  # same folder, so the final rename is atomic
+    try:
+        with open(tmp, "wb") as f:
+            try:
+                req = urllib.request.Request(url, headers={"User-Agent": "dit-from-scratch"})
+                with urllib.request.urlopen(req, timeout=60) as r, tqdm(
+                        total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                        desc="FID Inception weights", disable=not progress) as bar:
+                    while chunk := r.read(1 << 20):
+                        bar.update(f.write(chunk))
+            except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
+                raise RuntimeError(f"could not download the FID Inception weights ({e}); {hint}") from None
+        if (got := sha1_of(tmp)) != sha1:
+            raise RuntimeError(f"checksum mismatch for {url}: SHA-1 {got}, expected {sha1}; {hint}")
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dst
+
+
+def fid_weights_path(weights=None, cache_dir=None, progress=True):
+    """Local weights file: `weights` > $FID_WEIGHTS > <cache_dir>/pt_inception-...pth (downloaded on first use)."""
+    weights = weights or os.environ.get("FID_WEIGHTS")
+    if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"FID weights file {weights} does not exist; download {FID_WEIGHTS_URL} there")
+        return weights
+    dst = os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), os.path.basename(FID_WEIGHTS_URL))
+    return dst if os.path.isfile(dst) else download_weights(dst, progress=progress)
+
+
+def load_fid_state_dict(model, state_dict):
+    """Strict load; BatchNorm `num_batches_tracked` counters missing from an old checkpoint are filled with 0."""
+    state_dict = dict(state_dict)
+    for k, v in model.state_dict().items():
+        if k.endswith("num_batches_tracked") and k not in state_dict:
+            state_dict[k] = torch.zeros_like(v)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def build_inception(weights=None, device="cpu", cache_dir=None, progress=True):
+    """InceptionV3FID with pytorch-fid's weights (SHA-1 checked), in eval mode on `device`."""
+    path = fid_weights_path(weights, cache_dir, progress)
+    got = sha1_of(path)
+    if got != FID_WEIGHTS_SHA1:
+        raise RuntimeError(f"{path} has SHA-1 {got}, expected {FID_WEIGHTS_SHA1}: not pytorch-fid's weights; "
+                           f"delete it and download {FID_WEIGHTS_URL} by hand to that path")
+    model = InceptionV3FID()
+    load_fid_state_dict(model, torch.load(path, map_location="cpu", weights_only=True))
+    return model.to(device)
+
+# ----- Statistics, Frechet distance, Inception Score -----
+
+def to_uint8_nchw(x):
+    """uint8 (N, H, W, 3) or (N, 3, H, W) numpy array / tensor -> uint8 tensor (N, 3, H, W); channels-last wins ties."""
+    if isinstance(x, np.ndarray):
+        x = torch.tensor(x)  # copies one batch: works for read-only arrays too
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images in [0, 255], got {getattr(x, 'dtype', type(x).__name__)}; "
+                         "quantize first, e.g. ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)")
+    if x.dim() == 4 and x.shape[-1] == 3:
+        return x.permute(0, 3, 1, 2)
+    if x.dim() == 4 and x.shape[1] == 3:
+        return x
+    raise ValueError(f"expected RGB images (N, H, W, 3) or (N, 3, H, W), got shape {tuple(x.shape)}")
+
+
+def iter_batches(images, batch_size):
+    """uint8 (B, 3, H, W) tensors from one array/tensor or from an iterable of array/tensor batches."""
+    for chunk in ([images] if isinstance(images, (np.ndarray, torch.Tensor)) else images):
+        for i in range(0, len(chunk), batch_size):
+            yield to_uint8_nchw(chunk[i:i + batch_size])
+
+
+@contextlib.contextmanager
+def full_fp32(device):
+    """FID features are fp32: no autocast from a training loop, no TF32 cuDNN convs (torch's default on Ampere+)."""
+    old = None
+    with contextlib.suppress(RuntimeError):  # torch raises if its old and new TF32 APIs were mixed: leave them be
+        if device.type == "cuda":
+            old, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        if old is not None:
+            torch.backends.cudnn.allow_tf32 = old
+
+
+@torch.no_grad()
+def compute_statistics(images, batch_size=50, device=None, progress=False, model=None, inception_score=False,
+                       total=None):
+    """Mean and covariance of pool3 features (the FID Gaussian, Heusel et al. 2017) as float64 numpy arrays.
+
+    images: uint8 (N, H, W, 3) or (N, 3, H, W) array / tensor, or an iterable of such batches (a sampler can stream
+    50k images). Moments accumulate in float64 around the first batch's mean; sigma = np.cov(feats, rowvar=False).
+    model: InceptionV3FID (anything mapping [0, 1] images to (features, logits)); None builds the default one.
+    device: default the model's, else cuda if available. total: progress-bar length for an iterator.
+    Returns (mu, sigma), or (mu, sigma, (is_mean, is_std)) with inception_score=True (keeps N x 1008 fp32 logits).
+    """
+    if device is None and model is not None:
+        device = next((p.device for p in model.parameters()), None)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = (model if model is not None else build_inception(device=device, progress=progress)).eval()
+    acc = device if device.type == "cuda" else torch.device("cpu")  # float64 accumulator (MPS has no float64)
+    n, shift, s1, s2, logits = 0, None, 0.0, 0.0, []
+    total = len(images) if isinstance(images, (np.ndarray, torch.Tensor)) else total
+    with full_fp32(device), tqdm(total=total, unit="img", desc="Inception features", disable=not progress) as bar:
+        for x in iter_batches(images, batch_size):
+            pool, logit = model(x.to(device).float() / 255)  # (B, D), (B, 1008)
+            f = pool.to(acc, torch.float64)
+            shift = f.mean(0) if shift is None else shift  # centring keeps the sum of squares well conditioned
+            f = f - shift
+            s1, s2, n = s1 + f.sum(0), s2 + f.T @ f, n + len(f)
+            if inception_score:
+                logits.append(logit.float().cpu())
+            bar.update(len(x))
+    if n < 2:
+        raise ValueError(f"need at least 2 images for a covariance, got {n}")
+    m = s1 / n
+    mu = (shift + m).cpu().numpy()
+    sigma = ((s2 - n * torch.outer(m, m)) / (n - 1)).cpu().numpy()
+    if not inception_score:
+        return mu, sigma
+    return mu, sigma, inception_score_from_logits(torch.cat(logits).numpy())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^1/2) (Heusel et al. 2017), float64, scipy-free.
+
+    S1 S2 is similar to the symmetric PSD M = S1^1/2 S2 S1^1/2, so Tr((S1 S2)^1/2) = sum_i sqrt(lambda_i(M)): S1^1/2
+    from eigh(S1), then eigvalsh(M), round-off negatives clipped at 0 (never eigvalsh of the non-symmetric S1 S2).
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
+        raise ValueError("statistics contain NaN/inf; recompute them (were the images valid uint8?)")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    sqrt_s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # symmetric S1^1/2
+    m = sqrt_s1 @ s2 @ sqrt_s1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def inception_score_from_logits(logits, splits=10):
+    """Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016): mean, std over `splits` equal parts.
+
+    The softmax runs over all 1008 logits of the FID network's fc: pytorch-fid's port of the TF softmax layer keeps
+    the graph's 8 background/unused classes, as the original TF IS code does. Resize and numerics differ from the
+    TF graph, so IS from this port is close to but not identical with the TF number: report it as such.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or len(logits) < splits:
+        raise ValueError(f"need (N, classes) logits with N >= splits={splits}, got shape {logits.shape}")
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))  # log p(y|x), (N, C)
+    p, n, scores = np.exp(logp), len(logits), []
+    for k in range(splits):
+        lo, hi = k * n // splits, (k + 1) * n // splits
+        log_py = np.log(np.maximum(p[lo:hi].mean(0), np.finfo(np.float64).tiny))  # log p(y) of this split
+        scores.append(np.exp((p[lo:hi] * (logp[lo:hi] - log_py)).sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def save_stats(path, mu, sigma):
+    """pytorch-fid stats format: npz with float64 `mu` (D,) and `sigma` (D, D); written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.part"
+    with open(tmp, "wb") as f:  # a file object stops np.savez from appending ".npz"
+        np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
+    os.replace(tmp, path)
+
+
+def load_stats(path):
+    """(mu, sigma) float64 from a pytorch-fid-format npz (ours, or published files such as U-ViT's)."""
+    with np.load(path) as z:
+        if "mu" not in z.files or "sigma" not in z.files:
+            raise ValueError(f"{path} holds {z.files}; a statistics file needs 'mu' and 'sigma'")
+        return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+
+# ----- Reference statistics and the command line -----
+
+def ref_stats_path(name, cache_dir=None):
+    return os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), f"fid_stats_{name}.npz")
+
+
+def reference_stats(name, data_dir="data", cache_dir=None, model=None, batch_size=50, device=None, progress=True,
+                    recompute=False):
+    """(mu, sigma, path) of a named reference set ('cifar10-train' = all 50k training images), cached as an npz."""
+    if name not in NAMED_REFS:
+        raise ValueError(f"unknown reference {name!r}; choose one of {sorted(NAMED_REFS)} or pass a stats .npz")
+    path = ref_stats_path(name, cache_dir)
+    if os.path.isfile(path) and not recompute:
+        return (*load_stats(path), path)
+    from train_cifar import load_cifar10  # lazy: only needed to build reference statistics
+    images, _ = load_cifar10(data_dir, train=NAMED_REFS[name], download=True)  # uint8 (N, 3, 32, 32)
+    mu, sigma = compute_statistics(images, batch_size, device, progress, model)
+    save_stats(path, mu, sigma)
+    return mu, sigma, path
+
+
+def image_folder_batches(folder, batch_size):
+    """(iterator of uint8 (B, H, W, 3) batches, count) over the PNG/JPG files under folder, sorted."""
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
+                   if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise ValueError(f"no PNG/JPG images found under {folder}")
+
+    def batches():
+        for i in range(0, len(files), batch_size):
+            imgs = [np.asarray(Image.open(f).convert("RGB")) for f in files[i:i + batch_size]]  # loads and closes
+            if len({im.shape for im in imgs}) > 1:
+                raise ValueError(f"images under {folder} differ in size; use --batch-size 1")
+            yield np.stack(imgs)
+    return batches(), len(files)
+
+
+def source_stats(src, args, get_model, inception_score=False):
+    """(mu, sigma, IS or None) of a reference name, a stats npz, an images npz (arr_0) or an image folder."""
+    if src in NAMED_REFS:
+        model = None if os.path.isfile(ref_stats_path(src, args.cache_dir)) else get_model()
+        mu, sigma, path = reference_stats(src, args.data_dir, args.cache_dir, model, args.batch_size, args.device)
+        print(f"reference statistics for {src}: {path}")
+        return mu, sigma, None
+    if os.path.isdir(src):
+        images, total = image_folder_batches(src, args.batch_size)
+    elif src.endswith(".npz") and os.path.isfile(src):
+        with np.load(src) as z:
+            if "mu" in z.files and "sigma" in z.files:
+                return (*load_stats(src), None)
+            if "arr_0" not in z.files:
+                raise ValueError(f"{src} holds {z.files}; expected arr_0 (uint8 N,H,W,3 images) or mu and sigma")
+            images = z["arr_0"]
+        total = len(images)
+    else:
+        raise ValueError(f"{src!r} is not a reference name {sorted(NAMED_REFS)}, an existing .npz or an image folder")
+    with_is = inception_score and total >= 10  # IS uses 10 splits
+    out = compute_statistics(images, args.batch_size, args.device, True, get_model(), with_is, total)
+    return out if with_is else (*out, None)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="FID / Inception Score with pytorch-fid's Inception, no scipy or TF.")
+    ap.add_argument("samples", nargs="?", help="images npz (arr_0 uint8 N,H,W,3), stats npz (mu, sigma) or folder")
+    ap.add_argument("--ref", default="cifar10-train", help=f"{sorted(NAMED_REFS)}, stats npz, images npz or folder")
+    ap.add_argument("--make-ref", choices=sorted(NAMED_REFS), help="(re)compute and cache named reference stats")
+    ap.add_argument("--data-dir", default="data", help="dataset folder for train_cifar.load_cifar10")
+    ap.add_argument("--cache-dir", default=None, help=f"weights and reference stats (default {DEFAULT_CACHE_DIR})")
+    ap.add_argument("--weights", default=None, help="pt_inception-2015-12-05-6726825d.pth path (or $FID_WEIGHTS)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-size", type=int, default=50)
+    args = ap.parse_args(argv)
+    if args.samples is None and args.make_ref is None:
+        ap.error("give samples to score, or --make-ref NAME")
+    if args.batch_size < 1:
+        ap.error("--batch-size must be >= 1")
+    models = []
+
+    def get_model():  # built at most once, and only if some input needs Inception features
+        if not models:
+            models.append(build_inception(args.weights, args.device, args.cache_dir))
+        return models[0]
+    if args.make_ref:
+        *_, path = reference_stats(args.make_ref, args.data_dir, args.cache_dir, get_model(), args.batch_size,
+                                   args.device, recompute=True)
+        print(f"reference statistics for {args.make_ref} cached at {path}")
+        if args.samples is None:
+            return None
+    mu1, s1, score = source_stats(args.samples, args, get_model, inception_score=True)
+    mu2, s2, _ = source_stats(args.ref, args, get_model)
+    fid = frechet_distance(mu1, s1, mu2, s2)
+    print(f"FID: {fid:.4f}")
+    if score is not None:
+        print(f"IS: {score[0]:.4f} +- {score[1]:.4f} (pytorch-fid Inception: close to, not identical with, TF IS)")
+    return fid
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, RuntimeError, OSError, ImportError) as e:
+        raise SystemExit(f"fid.py: error: {e}")
