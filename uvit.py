@@ -187,7 +187,8 @@ class UViT(nn.Module):
         if y.shape != (B,) or y.dtype.is_floating_point or y.dtype.is_complex:
             raise ValueError(f"y must be an integer tensor of shape ({B},), got {y.dtype} {tuple(y.shape)}")
         rows = self.label_emb.num_embeddings
-        if B and (int(y.min()) < 0 or int(y.max()) >= rows):
+        # range check on CPU only: on a GPU it would force a device sync (and a compile graph break) every step
+        if B and y.device.type == "cpu" and (int(y.min()) < 0 or int(y.max()) >= rows):
             raise ValueError(f"labels must lie in 0..{rows - 1}, got min {int(y.min())} max {int(y.max())}")
 
     def _run(self, blk, *args):
