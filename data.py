@@ -1,0 +1,275 @@
+"""
+Training data for train_cifar.py: CIFAR-10 from the official python tarball, an image folder, or
+pre-extracted latents, each held as ONE tensor (uint8 images or float latents) so that batches are drawn by
+index on the device with no DataLoader.
+
+  load_cifar10(data_dir, train=True, download=True) -> (uint8 (N, 3, 32, 32), int64 (N,))   (fid.py uses it)
+  load_image_folder(root, image_size)               -> (uint8 (N, 3, S, S), int64 (N,), class names)
+  load_latents(path)                                -> (float (N, C, H, W), int64 (N,) or None)
+  load_dataset(name, data_dir, image_size)          -> one of the above as (x, labels or None, class names)
+  BatchIndices(n, batch_size, seed)(step)           -> (batch_size,) int64 indices for that step
+  get_batch(data, labels, indices, flip)            -> (float batch in [-1, 1], labels or None)
+
+CIFAR-10 file facts (URL, size, md5, pickle layout): shared/reference/ecosystem.md §2.
+"""
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"      # 170,498,071 bytes
+CIFAR_DIR = "cifar-10-batches-py"
+ARCHIVE_NAME = "cifar-10-python.tar.gz"
+CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_TEST = ["test_batch"]
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class DataError(RuntimeError):
+    """A data problem with a message that says what to do; train_cifar.py turns it into a one-line exit."""
+
+
+# ----- CIFAR-10: download, verify, extract, parse -----
+
+def _manual_hint(data_dir, url):
+    archive = os.path.join(data_dir, ARCHIVE_NAME)
+    return (f"download {url} by hand (md5 {CIFAR_MD5}) and put it at {archive}, or put an unpacked "
+            f"{CIFAR_DIR}/ into {data_dir}/ (offline copy: python ../shared/tools/cifar10_offline.py "
+            f"--out {data_dir} --format batches)")
+
+
+def _md5(path, chunk=1 << 20):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_file(url, path, md5):
+    """Stream url to path with a progress bar: written to path + '.part', md5-checked, then renamed."""
+    tmp, h = path + ".part", hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {os.path.basename(path)}") as bar:
+                for block in iter(lambda: r.read(1 << 20), b""):
+                    f.write(block)
+                    h.update(block)
+                    bar.update(len(block))
+    except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DataError(f"could not download {url} ({e}); {_manual_hint(os.path.dirname(path), url)}") from None
+    if h.hexdigest() != md5:
+        os.remove(tmp)
+        raise DataError(f"md5 mismatch for {url}: got {h.hexdigest()}, expected {md5} (truncated or wrong file); "
+                        f"{_manual_hint(os.path.dirname(path), url)}")
+    os.replace(tmp, path)
+
+
+def safe_extract(archive, dest):
+    """Extract only regular files under cifar-10-batches-py/; reject absolute paths, '..', links, devices.
+    Extracts into a temporary folder inside dest that is renamed at the end, so a half-extracted folder
+    never looks complete."""
+    tmp = tempfile.mkdtemp(prefix=".extract-", dir=dest)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for m in tar.getmembers():
+                parts = m.name.replace("\\", "/").split("/")
+                bad = m.name.startswith(("/", "\\")) or ".." in parts or parts[0] != CIFAR_DIR
+                if bad or not (m.isfile() or m.isdir()):
+                    raise DataError(f"refusing to extract {archive}: unsafe member {m.name!r} (only regular files "
+                                    f"under {CIFAR_DIR}/ are allowed); delete the file and download it again")
+                if m.isfile():
+                    target = os.path.join(tmp, *[p for p in parts if p not in ("", ".")])
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with tar.extractfile(m) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        if not os.path.isdir(os.path.join(tmp, CIFAR_DIR)):
+            raise DataError(f"{archive} holds no {CIFAR_DIR}/ folder; delete it and download it again")
+        os.replace(os.path.join(tmp, CIFAR_DIR), os.path.join(dest, CIFAR_DIR))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"cannot extract {archive} ({e}); delete it and download it again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists and numpy arrays only: a folder that was not md5-checked cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}  # protocol-2 bytes from python 3
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are expected)")
+        return super().find_class(module, name)
+
+
+def _read_batch(path):
+    """One pickled batch: dict with b'data' uint8 (n, 3072) as R, G, B planes and b'labels' (ecosystem §2)."""
+    try:
+        with open(path, "rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+        data, labels = d.get(b"data", d.get("data")), d.get(b"labels", d.get("labels"))
+        x = torch.from_numpy(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
+        y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    except FileNotFoundError:
+        raise DataError(f"missing {path}; delete {os.path.dirname(path)} to download CIFAR-10 again") from None
+    except Exception as e:
+        raise DataError(f"cannot parse {path} ({type(e).__name__}: {e}); delete {os.path.dirname(path)} "
+                        "to download CIFAR-10 again") from None
+    if len(x) != len(y):
+        raise DataError(f"{path}: {len(x)} images but {len(y)} labels; delete the folder and download again")
+    return x, y
+
+
+def load_cifar10(data_dir="data", train=True, download=True, url=None):
+    """CIFAR-10 as (uint8 (N, 3, 32, 32), int64 (N,)): train = the 5 data batches (50k), else test_batch (10k).
+    Uses data_dir/cifar-10-batches-py/ when present; otherwise downloads (md5-checked) and extracts it."""
+    url = url or CIFAR_URL
+    root = os.path.join(data_dir, CIFAR_DIR)
+    if not os.path.isdir(root):
+        archive = os.path.join(data_dir, ARCHIVE_NAME)
+        if not os.path.exists(archive):
+            if not download:
+                raise DataError(f"CIFAR-10 not found in {data_dir}; {_manual_hint(data_dir, url)}")
+            os.makedirs(data_dir, exist_ok=True)
+            print(f"downloading CIFAR-10 from {url} to {data_dir}/")
+            download_file(url, archive, CIFAR_MD5)
+        elif _md5(archive) != CIFAR_MD5:
+            raise DataError(f"{archive} has the wrong md5 (expected {CIFAR_MD5}); delete it and rerun, or "
+                            f"{_manual_hint(data_dir, url)}")
+        safe_extract(archive, data_dir)
+    xs, ys = zip(*[_read_batch(os.path.join(root, name)) for name in (CIFAR_TRAIN if train else CIFAR_TEST)])
+    return torch.cat(xs), torch.cat(ys)
+
+
+# ----- Image folder -----
+
+def center_crop_resize(img, size):
+    """ADM-style preprocessing: halve with BOX while the shorter side >= 2*size, BICUBIC-resize the shorter
+    side to size, then center-crop size x size. Returns uint8 (3, size, size)."""
+    img = img.convert("RGB")
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(max(size, round(s * scale)) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)        # (3, S, S)
+
+
+def _images_under(root):
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def load_image_folder(root, image_size):
+    """root/<class>/**/*.png (one sub-folder per class, labels in sorted-name order) or a flat root/*.png
+    (unconditional, labels all 0). Returns (uint8 (N, 3, S, S), int64 (N,), class names or [])."""
+    if not os.path.isdir(root):
+        raise DataError(f"--data-dir {root} is not a folder; point it at a folder of images")
+    classes = sorted(d for d in os.listdir(root)
+                     if os.path.isdir(os.path.join(root, d)) and _images_under(os.path.join(root, d)))
+    if classes:
+        files = [(f, i) for i, c in enumerate(classes) for f in _images_under(os.path.join(root, c))]
+    else:
+        files = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}; use a folder with one "
+                        "sub-folder of images per class, or a flat folder of images")
+    x = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
+    for i, (f, _) in enumerate(tqdm(files, desc=f"load {root}", disable=len(files) < 1000)):
+        try:
+            with Image.open(f) as img:
+                x[i] = center_crop_resize(img, image_size)
+        except OSError as e:
+            raise DataError(f"cannot read image {f} ({e}); remove or fix it") from None
+    return x, torch.tensor([c for _, c in files], dtype=torch.int64), classes
+
+
+# ----- Pre-extracted latents -----
+
+def load_latents(path):
+    """A .npz (arrays 'latents' or 'arr_0', optional 'labels' or 'arr_1') or .pt (dict with the same keys)
+    holding latents (N, C, H, W), already scaled (e.g. by 0.18215). Returns (float (N,C,H,W), int64 (N,) or None)."""
+    try:
+        if path.endswith(".npz"):
+            with np.load(path) as f:
+                d = {k: torch.from_numpy(f[k]) for k in f.files}
+        else:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"cannot read latents {path} ({type(e).__name__}: {e}); pass a .npz or .pt file") from None
+    z = d.get("latents", d.get("arr_0")) if isinstance(d, dict) else None
+    y = d.get("labels", d.get("arr_1")) if isinstance(d, dict) else None
+    if z is None or z.ndim != 4 or not z.is_floating_point():
+        raise DataError(f"{path} needs a float array 'latents' (or 'arr_0') of shape (N, C, H, W)")
+    if y is not None and (y.shape != (len(z),)):
+        raise DataError(f"{path}: labels must have shape ({len(z)},), got {tuple(y.shape)}")
+    return z.float(), None if y is None else y.long()
+
+
+# ----- Dispatch -----
+
+def load_dataset(name, data_dir, image_size=32, cifar_url=None):
+    """'cifar10' | 'folder' | 'latents' -> (uint8 images or float latents (N, C, H, W), int64 labels or None,
+    class names ([] when unlabelled))."""
+    if name == "cifar10":
+        if image_size != 32:
+            raise DataError("CIFAR-10 images are 32x32; use --image-size 32 (or --dataset folder for other sizes)")
+        return (*load_cifar10(data_dir, train=True, url=cifar_url), CIFAR_CLASSES)
+    if name == "folder":
+        return load_image_folder(data_dir, image_size)
+    if name == "latents":
+        z, y = load_latents(data_dir)
+        return z, y, [] if y is None else [str(i) for i in range(int(y.max()) + 1)]
+    raise DataError(f"unknown dataset {name!r}; choose cifar10, folder or latents")
+
+
+# ----- Batches by index -----
+
+class BatchIndices:
+    """Epochs of sampling without replacement: step s takes positions [s*B, (s+1)*B) of the endless
+    concatenation of per-epoch permutations, each from its own seeded generator. A pure function of the
+    step, so a resumed run draws exactly the batches the uninterrupted run would have drawn."""
+
+    def __init__(self, n, batch_size, seed):
+        self.n, self.batch_size, self.seed, self.cache = n, batch_size, seed, {}
+
+    def perm(self, epoch):
+        if epoch not in self.cache:
+            if len(self.cache) > 4:
+                self.cache.clear()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.cache[epoch] = torch.randperm(self.n, generator=g)
+        return self.cache[epoch]
+
+    def __call__(self, step):
+        pos = step * self.batch_size + torch.arange(self.batch_size)
+        epochs, offsets = pos // self.n, pos % self.n
+        return torch.cat([self.perm(int(e))[offsets[epochs == e]] for e in torch.unique(epochs)])
+
+
+def get_batch(data, labels, indices, flip):
+    """Gather a batch on data's device, scale uint8 to [-1, 1], flip a random half horizontally (on the device,
+    with the global RNG, so a resumed run flips the same images)."""
+    idx = indices.to(data.device)
+    x = data[idx]
+    x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+    if flip:
+        mask = torch.rand(len(x), device=x.device) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x, None if labels is None else labels[idx]

@@ -1,0 +1,113 @@
+"""
+Sample from a train_cifar.py checkpoint: a PNG grid, and optionally an .npz in the ADM evaluation format
+(arr_0 uint8 (N, H, W, 3), arr_1 int64 labels (N,) when class-conditional).
+
+  python sample.py --ckpt runs/uvit-U-ViT-S-2-cifar10/latest.pt                          # 64-image grid
+  python sample.py --ckpt runs/.../latest.pt --num-samples 50000 --npz uvit.npz --batch-size 500
+  python sample.py --ckpt runs/dit-DiT-S-2-cifar10-cond/latest.pt --cfg-scale 1.5 --class-label 3
+
+The model is rebuilt from the backbone, model name and constructor kwargs stored in the checkpoint; the EMA
+weights are used unless --no-ema.
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffusion import SAMPLERS, GaussianDiffusion
+from train_cifar import autocast_forward, build_model, die, load_checkpoint, save_grid, to_uint8
+
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++2m": 25}  # DiT's 250-step DDPM; DPM-Solver README's 20-25
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", required=True, help="a train_cifar.py checkpoint (latest.pt or ckpt_XXXXXXX.pt)")
+    a("--out", default=None, help="grid PNG path (default: next to the checkpoint)")
+    a("--num-samples", type=int, default=64)
+    a("--npz", default=None, help="also write all samples here in the ADM .npz format")
+    a("--batch-size", type=int, default=256)
+    a("--sampler", default="dpm++2m", choices=SAMPLERS)
+    a("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULT_STEPS})")
+    a("--eta", type=float, default=0.0, help="DDIM eta")
+    a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance eps_u + s (eps_c - eps_u); 1 = off")
+    a("--class-label", type=int, default=None, help="sample only this class (default: uniform random labels)")
+    a("--seed", type=int, default=0)
+    a("--no-ema", dest="ema", action="store_false", help="use the raw weights instead of the EMA")
+    a("--device", default=None, help="default: cuda if available, else cpu")
+    a("--precision", choices=["bf16", "fp16", "fp32"], default="fp32")
+    a("--nrow", type=int, default=None, help="images per grid row (default: ~sqrt of the grid size)")
+    args = p.parse_args(argv)
+    args.steps = args.steps or DEFAULT_STEPS[args.sampler]
+    if args.num_samples < 1 or args.batch_size < 1:
+        p.error("--num-samples and --batch-size must be >= 1")
+    if not 1 <= args.steps <= 1000:
+        p.error("--steps must be in 1..1000")
+    return args
+
+
+def load_model(ckpt, use_ema, device):
+    """Rebuild the checkpoint's model (eval mode) on device with its EMA or raw weights."""
+    model = build_model(ckpt["backbone"], ckpt["model_name"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    return model.to(device).eval()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt = load_checkpoint(args.ckpt)
+    meta = ckpt["data"]
+    if not meta["pixels"]:
+        die("not yet: sampling a latent-space checkpoint needs the VAE decoder, which this project lacks so far")
+    n_cls = meta["num_classes"]
+    if args.class_label is not None and not 0 <= args.class_label < n_cls:
+        die(f"--class-label must be in 0..{n_cls - 1}" if n_cls else "--class-label needs a class-conditional model")
+    model = load_model(ckpt, args.ema, device)
+    if args.cfg_scale != 1.0 and model.null_label is None:
+        die("--cfg-scale needs a class-conditional model trained with label dropout (--class-cond, --class-dropout)")
+    diffusion = GaussianDiffusion(**ckpt["diffusion"])
+    fwd = autocast_forward(model, device, args.precision)
+    print(f"{ckpt['backbone']} {ckpt['model_name']} at step {ckpt['step']} ({'EMA' if args.ema else 'raw'} weights), "
+          f"{args.sampler} {args.steps} steps, cfg {args.cfg_scale}, {args.num_samples} samples on {device}")
+
+    gen = torch.Generator().manual_seed(args.seed)  # CPU generator: the same samples on any device
+    labels = None
+    if n_cls:
+        labels = torch.full((args.num_samples,), args.class_label) if args.class_label is not None \
+            else torch.randint(n_cls, (args.num_samples,), generator=gen)
+    shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    out = []
+    for i in tqdm(range(0, args.num_samples, args.batch_size), desc="sampling"):
+        n = min(args.batch_size, args.num_samples - i)
+        noise = torch.randn((n, *shape), generator=gen)
+        kw = None if labels is None else {"y": labels[i:i + n].to(device)}
+        x = diffusion.sample(fwd, (n, *shape), sampler=args.sampler, steps=args.steps, eta=args.eta,
+                             model_kwargs=kw, cfg_scale=args.cfg_scale, null_label=model.null_label, noise=noise,
+                             generator=torch.Generator(device).manual_seed(args.seed + i), device=device,
+                             clip_denoised=True)
+        out.append(to_uint8(x).cpu())
+    images = torch.cat(out)                                                    # (N, C, H, W) uint8
+
+    grid = images[:256]
+    stem = os.path.splitext(os.path.basename(args.ckpt))[0]
+    path = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                    f"sample_{stem}_{args.sampler}_{args.steps}steps_cfg{args.cfg_scale:g}.png")
+    save_grid(grid, path, nrow=args.nrow or math.ceil(math.sqrt(len(grid))))
+    print(f"grid of {len(grid)} samples: {path}")
+    if args.npz:
+        arrays = [images.permute(0, 2, 3, 1).numpy()] + ([labels.numpy().astype(np.int64)] if n_cls else [])
+        tmp = args.npz + ".tmp"
+        with open(tmp, "wb") as f:  # a file object keeps the exact name (np.savez would append .npz)
+            np.savez(f, *arrays)
+        os.replace(tmp, args.npz)
+        print(f"{len(images)} samples in ADM format: {args.npz} (arr_0 {tuple(arrays[0].shape)} uint8"
+              f"{', arr_1 labels' if n_cls else ''})")
+
+
+if __name__ == "__main__":
+    main()
