@@ -412,7 +412,7 @@ def reference_stats(name, data_dir="data", cache_dir=None, model=None, batch_siz
     path = ref_stats_path(name, cache_dir)
     if os.path.isfile(path) and not recompute:
         return (*load_stats(path), path)
-    from train_cifar import load_cifar10  # lazy: only needed to build reference statistics
+    from data import load_cifar10  # lazy: only needed to build reference statistics
     images, _ = load_cifar10(data_dir, train=NAMED_REFS[name], download=True)  # uint8 (N, 3, 32, 32)
     mu, sigma = compute_statistics(images, batch_size, device, progress, model)
     save_stats(path, mu, sigma)
@@ -464,7 +464,7 @@ def main(argv=None):
     ap.add_argument("samples", nargs="?", help="images npz (arr_0 uint8 N,H,W,3), stats npz (mu, sigma) or folder")
     ap.add_argument("--ref", default="cifar10-train", help=f"{sorted(NAMED_REFS)}, stats npz, images npz or folder")
     ap.add_argument("--make-ref", choices=sorted(NAMED_REFS), help="(re)compute and cache named reference stats")
-    ap.add_argument("--data-dir", default="data", help="dataset folder for train_cifar.load_cifar10")
+    ap.add_argument("--data-dir", default="data", help="dataset folder for data.load_cifar10")
     ap.add_argument("--cache-dir", default=None, help=f"weights and reference stats (default {DEFAULT_CACHE_DIR})")
     ap.add_argument("--weights", default=None, help="pt_inception-2015-12-05-6726825d.pth path (or $FID_WEIGHTS)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

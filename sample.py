@@ -5,6 +5,7 @@ Sample from a train_cifar.py checkpoint: a PNG grid, and optionally an .npz in t
   python sample.py --ckpt runs/uvit-U-ViT-S-2-cifar10/latest.pt                          # 64-image grid
   python sample.py --ckpt runs/.../latest.pt --num-samples 50000 --npz uvit.npz --batch-size 500
   python sample.py --ckpt runs/dit-DiT-S-2-cifar10-cond/latest.pt --cfg-scale 1.5 --class-label 3
+  python sample.py --ckpt runs/.../latest.pt --num-samples 50000 --npz uvit.npz --fid-ref cifar10-train  # + FID
 
 The model is rebuilt from the backbone, model name and constructor kwargs stored in the checkpoint; the EMA
 weights are used unless --no-ema.
@@ -41,6 +42,9 @@ def parse_args(argv=None):
     a("--device", default=None, help="default: cuda if available, else cpu")
     a("--precision", choices=["bf16", "fp16", "fp32"], default="fp32")
     a("--nrow", type=int, default=None, help="images per grid row (default: ~sqrt of the grid size)")
+    a("--fid-ref", default=None, help="also compute FID (and IS) in the same pass against this reference: "
+                                      "cifar10-train, cifar10-test or a stats .npz (mu, sigma)")
+    a("--data-dir", default="data", help="CIFAR-10 folder for building a named --fid-ref the first time")
     args = p.parse_args(argv)
     args.steps = args.steps or DEFAULT_STEPS[args.sampler]
     if args.num_samples < 1 or args.batch_size < 1:
@@ -55,6 +59,46 @@ def load_model(ckpt, use_ema, device):
     model = build_model(ckpt["backbone"], ckpt["model_name"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["ema" if use_ema else "model"])
     return model.to(device).eval()
+
+
+def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, class_label=None, sampler="dpm++2m",
+             steps=25, eta=0.0, cfg_scale=1.0, null_label=None, seed=0, device="cpu", progress=True):
+    """Yield (uint8 (n, C, H, W) CPU images, int64 labels or None) batches of samples; the same samples for a
+    seed on any device (noise and labels come from a CPU generator). Labels: class_label, else uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = None
+    if num_classes:
+        labels = torch.full((num_samples,), class_label) if class_label is not None \
+            else torch.randint(num_classes, (num_samples,), generator=gen)
+    for i in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not progress):
+        n = min(batch_size, num_samples - i)
+        noise = torch.randn((n, *shape), generator=gen)
+        y = None if labels is None else labels[i:i + n]
+        x = diffusion.sample(fwd, (n, *shape), sampler=sampler, steps=steps, eta=eta,
+                             model_kwargs=None if y is None else {"y": y.to(device)}, cfg_scale=cfg_scale,
+                             null_label=null_label, noise=noise, device=device, clip_denoised=True,
+                             generator=torch.Generator(device).manual_seed(seed + i))
+        yield to_uint8(x).cpu(), y
+
+
+def fid_setup(fid_ref, data_dir, device):
+    """(Inception network, reference (mu, sigma)) for a named set (its statistics are computed once and cached
+    by fid.py) or a stats .npz; a missing weights file or dataset exits with one line."""
+    import fid  # lazy: the Inception weights are only needed when FID is asked for
+    try:
+        inception = fid.build_inception(device=device)
+        ref = fid.load_stats(fid_ref) if fid_ref.endswith(".npz") else \
+            fid.reference_stats(fid_ref, data_dir, model=inception, device=device)[:2]
+    except (OSError, ValueError, RuntimeError) as e:
+        die(f"cannot compute FID against {fid_ref!r}: {e}")
+    return inception, ref
+
+
+def fid_score(batches, inception, ref, device, num_samples):
+    """(FID, IS mean or None) of a stream of uint8 image batches; IS (10 splits) needs >= 10 samples."""
+    import fid
+    stats = fid.compute_statistics(batches, model=inception, device=device, inception_score=num_samples >= 10)
+    return fid.frechet_distance(*stats[:2], *ref), (stats[2][0] if len(stats) == 3 else None)
 
 
 def main(argv=None):
@@ -75,23 +119,24 @@ def main(argv=None):
     print(f"{ckpt['backbone']} {ckpt['model_name']} at step {ckpt['step']} ({'EMA' if args.ema else 'raw'} weights), "
           f"{args.sampler} {args.steps} steps, cfg {args.cfg_scale}, {args.num_samples} samples on {device}")
 
-    gen = torch.Generator().manual_seed(args.seed)  # CPU generator: the same samples on any device
-    labels = None
-    if n_cls:
-        labels = torch.full((args.num_samples,), args.class_label) if args.class_label is not None \
-            else torch.randint(n_cls, (args.num_samples,), generator=gen)
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
-    out = []
-    for i in tqdm(range(0, args.num_samples, args.batch_size), desc="sampling"):
-        n = min(args.batch_size, args.num_samples - i)
-        noise = torch.randn((n, *shape), generator=gen)
-        kw = None if labels is None else {"y": labels[i:i + n].to(device)}
-        x = diffusion.sample(fwd, (n, *shape), sampler=args.sampler, steps=args.steps, eta=args.eta,
-                             model_kwargs=kw, cfg_scale=args.cfg_scale, null_label=model.null_label, noise=noise,
-                             generator=torch.Generator(device).manual_seed(args.seed + i), device=device,
-                             clip_denoised=True)
-        out.append(to_uint8(x).cpu())
+    batches = generate(fwd, diffusion, shape, args.num_samples, args.batch_size, num_classes=n_cls,
+                       class_label=args.class_label, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                       cfg_scale=args.cfg_scale, null_label=model.null_label, seed=args.seed, device=device)
+    out, labels = [], []
+
+    def keep(batches):  # hold every batch for the grid / npz while FID streams through them
+        for x, y in batches:
+            out.append(x)
+            labels.append(y)
+            yield x
+    if args.fid_ref:
+        score = fid_score(keep(batches), *fid_setup(args.fid_ref, args.data_dir, device), device, args.num_samples)
+    else:
+        for _ in keep(batches):
+            pass
     images = torch.cat(out)                                                    # (N, C, H, W) uint8
+    labels = torch.cat(labels) if n_cls else None
 
     grid = images[:256]
     stem = os.path.splitext(os.path.basename(args.ckpt))[0]
@@ -107,6 +152,10 @@ def main(argv=None):
         os.replace(tmp, args.npz)
         print(f"{len(images)} samples in ADM format: {args.npz} (arr_0 {tuple(arrays[0].shape)} uint8"
               f"{', arr_1 labels' if n_cls else ''})")
+    if args.fid_ref:
+        print(f"FID {score[0]:.3f}" + (f", IS {score[1]:.2f}" if score[1] else "") + f" ({len(images)} samples vs "
+              f"{args.fid_ref}; pytorch-fid Inception, {args.sampler} {args.steps} steps, cfg {args.cfg_scale:g})")
+    return score if args.fid_ref else None
 
 
 if __name__ == "__main__":

@@ -341,17 +341,17 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
         fid.main([str(tmp_path / "nothing.npz")] + args)
 
 
-def test_make_ref_uses_train_cifar_and_caches(tmp_path, monkeypatch, capsys):
+def test_make_ref_uses_the_cifar_loader_and_caches(tmp_path, monkeypatch, capsys):
     model = TinyFeatures()
     monkeypatch.setattr(fid, "build_inception", lambda *a, **k: model)
     rng = np.random.default_rng(6)
     cifar = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     calls = []
 
-    def load_cifar10(data_dir, train=True, download=True):  # the contract of train_cifar.load_cifar10
+    def load_cifar10(data_dir, train=True, download=True):  # the contract of data.load_cifar10
         calls.append((data_dir, train, download))
         return torch.from_numpy(cifar).permute(0, 3, 1, 2).contiguous(), torch.zeros(20, dtype=torch.int64)
-    monkeypatch.setitem(sys.modules, "train_cifar", types.SimpleNamespace(load_cifar10=load_cifar10))
+    monkeypatch.setitem(sys.modules, "data", types.SimpleNamespace(load_cifar10=load_cifar10))
     args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--data-dir", "dd"]
     fid.main(["--make-ref", "cifar10-train"] + args)
     path = fid.ref_stats_path("cifar10-train", str(tmp_path))

@@ -467,3 +467,64 @@ def test_folder_without_images_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train(tmp_path / "out", tmp_path / "empty", "--dataset", "folder", "--steps", 1)
     assert "no images" in exit_message(e, capsys) and not (tmp_path / "out").exists()
+
+
+# ----- FID wired into training and sampling (the Inception replaced by a small fixed feature map) -----
+
+class PooledPixels(torch.nn.Module):
+    """Stand-in for the FID Inception: [0, 1] images -> (48 pooled pixel features, 10 logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(48, 10)
+
+    def forward(self, x):
+        f = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+        return f, self.fc(f)
+
+
+@pytest.fixture
+def fake_inception(monkeypatch, tmp_path):
+    """fid.build_inception -> PooledPixels; a reference stats npz of 50 random images in that feature space."""
+    import fid
+    torch.manual_seed(0)
+    net = PooledPixels()
+    monkeypatch.setattr(fid, "build_inception", lambda *a, **k: net)
+    ref = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    path = tmp_path / "ref_stats.npz"
+    fid.save_stats(str(path), *fid.compute_statistics(ref, model=net, device="cpu"))
+    return net, str(path)
+
+
+def test_fid_during_training_is_logged_and_matches_sample_py(tmp_path, cifar_dir, fake_inception):
+    out, (net, ref) = tmp_path / "fid", fake_inception
+    train(out, cifar_dir, "--steps", 4, "--fid-every", 2, "--fid-samples", 6, "--fid-ref", ref,
+          "--sampler", "ddim", "--sample-steps", 3)
+    fids = [r for r in read_log(out) if "fid" in r]
+    assert [r["step"] for r in fids] == [2, 4] and all(np.isfinite(r["fid"]) for r in fids)
+    assert fids[0]["fid_samples"] == 6 and fids[0]["sampler"] == "ddim-3"
+    # the same EMA weights, sampler, seed and batching through sample.py give the same number
+    score, _ = sample.main(["--ckpt", str(out / "latest.pt"), "--num-samples", "6", "--batch-size", "8",
+                            "--sampler", "ddim", "--steps", "3", "--fid-ref", ref, "--out", str(tmp_path / "g.png")])
+    assert score == pytest.approx(fids[1]["fid"], abs=1e-4)
+
+
+def test_sample_py_fid_in_the_same_pass_as_the_npz(tmp_path, baseline, fake_inception, capsys):
+    import fid
+    net, ref = fake_inception
+    npz = tmp_path / "s.npz"
+    score, is_mean = sample.main(["--ckpt", str(baseline / "latest.pt"), "--num-samples", "12",
+                                  "--batch-size", "5", "--steps", "2", "--npz", str(npz), "--fid-ref", ref,
+                                       "--out", str(tmp_path / "g.png")])
+    assert "FID" in capsys.readouterr().out
+    with np.load(npz) as f:
+        mu, sigma = fid.compute_statistics(f["arr_0"], model=net, device="cpu")
+    assert score == pytest.approx(fid.frechet_distance(mu, sigma, *fid.load_stats(ref)), rel=1e-9)
+    assert 1 <= is_mean <= 10  # IS lies between 1 and the number of classes
+
+
+def test_fid_setup_fails_before_training(tmp_path, cifar_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "r", cifar_dir, "--steps", 2, "--fid-every", 1, "--fid-ref", str(tmp_path / "missing.npz"))
+    assert "cannot compute FID" in exit_message(e, capsys)
+    assert not (tmp_path / "r" / "latest.pt").exists()

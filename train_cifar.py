@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from data import BatchIndices, DataError, get_batch, load_cifar10, load_dataset  # noqa: F401 (fid.py: load_cifar10)
+from data import BatchIndices, DataError, get_batch, load_dataset
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, GaussianDiffusion
 
 # ----- Backbones and their CIFAR-10 recipes -----
@@ -128,6 +128,9 @@ def parse_args(argv=None):
     a("--sample-steps", type=int, default=25)
     a("--ckpt-every", type=int, default=5000)
     a("--keep-every", type=int, default=50_000, help="also keep ckpt_XXXXXXX.pt every this many steps (0 = never)")
+    a("--fid-every", type=int, default=0, help="FID of the EMA model every this many steps (0 = never)")
+    a("--fid-samples", type=int, default=10_000, help="samples per FID (U-ViT selects checkpoints by FID-10k)")
+    a("--fid-ref", default="cifar10-train", help="cifar10-train, cifar10-test or a stats .npz (mu, sigma)")
     args = p.parse_args(argv)
     for k, v in RECIPES[args.backbone].items():  # flags left unset take the backbone's recipe
         if getattr(args, k) is None:
@@ -138,7 +141,9 @@ def parse_args(argv=None):
               (0 <= args.class_dropout < 1, "--class-dropout must be in [0, 1)"),
               (args.image_size >= 1, "--image-size must be >= 1"), (args.warmup >= 0, "--warmup must be >= 0"),
               (min(args.log_every, args.ckpt_every) >= 1, "--log-every and --ckpt-every must be >= 1"),
-              (min(args.sample_every, args.keep_every) >= 0, "--sample-every and --keep-every must be >= 0"),
+              (min(args.sample_every, args.keep_every, args.fid_every) >= 0,
+               "--sample-every, --keep-every and --fid-every must be >= 0"),
+              (args.fid_samples >= 2, "--fid-samples must be >= 2"),
               (1 <= args.sample_steps <= 1000, "--sample-steps must be in 1..1000")]
     for ok, msg in checks:
         if not ok:
@@ -307,6 +312,25 @@ def sample_grid(ema, diffusion, meta, args, device, path):
     save_grid(to_uint8(x), path, nrow=8)
 
 
+def fid_evaluator(args, meta, diffusion, device):
+    """ema -> (FID, IS) of --fid-samples EMA samples vs --fid-ref. The Inception weights and reference statistics
+    are loaded now, before training, so a missing file fails at once rather than hours in."""
+    from sample import fid_score, fid_setup, generate  # lazy: sample.py imports this module
+    if not meta["pixels"]:
+        die("--fid-every needs pixel data (a latent run has no VAE decoder yet)")
+    if args.fid_ref.startswith("cifar10") and (args.dataset != "cifar10" or args.image_size != 32):
+        die(f"--fid-ref {args.fid_ref} only fits CIFAR-10 at 32x32; pass a stats .npz made with fid.py")
+    inception, ref = fid_setup(args.fid_ref, args.data_dir, device)
+    shape = (meta["channels"], meta["image_size"], meta["image_size"])
+
+    def evaluate(ema):  # unguided samples, uniform labels when class-conditional
+        batches = generate(autocast_forward(ema, device, args.precision), diffusion, shape, args.fid_samples,
+                           2 * args.batch_size, num_classes=meta["num_classes"], sampler=args.sampler,
+                           steps=args.sample_steps, seed=args.seed, device=device, progress=False)
+        return fid_score((x for x, _ in batches), inception, ref, device, args.fid_samples)
+    return evaluate
+
+
 def read_log(path, max_step):
     """Records of an earlier run up to the resumed step (later ones were not checkpointed); rewrites the file."""
     def parse(line):
@@ -389,6 +413,7 @@ def train(args, model, diffusion, data, labels, meta, config, out_dir, device, c
     fwd = autocast_forward(torch.compile(model) if args.compile else model, device, args.precision)
     params = list(model.parameters())
     keys = ["loss", "mse", "vb"] if diffusion.learn_sigma else ["loss", "mse"]
+    evaluate_fid = fid_evaluator(args, meta, diffusion, device) if args.fid_every else None
     window, t_start, t_window, step_window = [], time.time(), time.time(), step
     model.train()
 
@@ -433,6 +458,15 @@ def train(args, model, diffusion, data, labels, meta, config, out_dir, device, c
                 check_finite(weights_too=True)
                 grid = os.path.join(out_dir, "samples", f"step_{step:07d}.png")
                 sample_grid(ema, diffusion, meta, args, device, grid)
+            if evaluate_fid and (step % args.fid_every == 0 or last):
+                check_finite(weights_too=True)
+                score, is_mean = evaluate_fid(ema)
+                records.append({"step": step, "fid": round(score, 4), "inception_score": is_mean,
+                                "fid_samples": args.fid_samples, "sampler": f"{args.sampler}-{args.sample_steps}"})
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(records[-1]) + "\n")
+                tqdm.write(f"step {step}: FID {score:.2f} ({args.fid_samples} EMA samples, {args.sampler} "
+                           f"{args.sample_steps} steps, vs {args.fid_ref})")
             if step % args.ckpt_every == 0 or last:
                 check_finite(weights_too=True)
                 save_checkpoint({"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
