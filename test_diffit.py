@@ -12,11 +12,7 @@ from diffit import (MODELS, DiffiTBlock, ImageDiffiT, LatentDiffiT, TMSA, get_2d
 
 
 def _reference_dir():
-    here = Path(__file__).resolve().parent
-    for cand in (here / "shared" / "reference", here.parent / "shared" / "reference"):
-        if (cand / "diffit_latent_keys.json").exists():
-            return cand
-    raise FileNotFoundError("shared/reference/diffit_latent_keys.json not found next to or above the repo")
+    return Path(__file__).resolve().parent / "reference"  # facts from the official code, see reference/README.md
 
 
 def _n_params(model, trainable=False):

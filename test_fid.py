@@ -16,10 +16,7 @@ from PIL import Image
 
 import fid
 
-REF_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "reference",
-                        "fid_inception_keys.json")
-if not os.path.isfile(REF_KEYS):
-    REF_KEYS = "/work/shared/reference/fid_inception_keys.json"
+REF_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "fid_inception_keys.json")
 
 
 def random_spd(rng, d, n=None):

@@ -10,7 +10,7 @@ import torch
 
 import dit
 
-REF = Path(__file__).resolve().parent.parent / "shared" / "reference"
+REF = Path(__file__).resolve().parent / "reference"  # facts from the official code, see reference/README.md
 COUNTS = json.loads((REF / "dit_param_counts.json").read_text())
 S2_KEYS = json.loads((REF / "dit_s2_keys.json").read_text())
 PAPER_NAMES = [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from uvit import MODELS, UViT, timestep_embedding
 
-REF = Path(__file__).resolve().parent.parent / "shared" / "reference"
+REF = Path(__file__).resolve().parent / "reference"  # facts from the official code, see reference/README.md
 COUNTS = json.loads((REF / "uvit_param_counts.json").read_text())["models"]
 S2_KEYS = json.loads((REF / "uvit_s2_keys.json").read_text())
 
