@@ -266,7 +266,10 @@ class BatchIndices:
 def get_batch(data, labels, indices, flip):
     """Gather a batch on data's device, scale uint8 to [-1, 1], flip a random half horizontally (on the device,
     with the global RNG, so a resumed run flips the same images)."""
-    idx = indices.to(data.device)
+    if data.device.type == "cuda":  # pinned + non_blocking: no host sync for the index copy
+        idx = indices.pin_memory().to(data.device, non_blocking=True)
+    else:
+        idx = indices.to(data.device)
     x = data[idx]
     x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
     if flip:

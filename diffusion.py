@@ -55,20 +55,26 @@ def space_timesteps(timesteps, steps):
     return kept
 
 
-def logsnr_timesteps(alphas_cumprod, steps):
-    """Steps evenly spaced in lambda = log(alpha/sigma) rather than in t: what DPM-Solver recommends for
-    low-resolution pixel models (its 'logSNR' grid). Nearest original step to each target; duplicates at
-    the low-noise end are merged, so very large `steps` can keep a few less."""
+def logsnr_timesteps(alphas_cumprod, steps, min_lambda=-5.1):
+    """`steps` original steps spaced evenly in lambda = log(alpha/sigma) rather than in t: DPM-Solver's 'logSNR'
+    grid, recommended for low-resolution pixel models. lambda is floored at -5.1 as DPM-Solver clips it (the
+    cosine schedule reaches -9.9); the first step is always T-1. Targets that round to the same integer step
+    are merged, then the widest gaps in t are split until exactly `steps` remain."""
     lam = 0.5 * np.log(alphas_cumprod) - 0.5 * np.log1p(-alphas_cumprod)
-    targets = np.linspace(lam[-1], lam[0], steps)
-    return sorted({int(np.abs(lam - v).argmin()) for v in targets})
+    T = len(lam)
+    targets = np.linspace(max(lam[-1], min_lambda), lam[0], steps)
+    kept = sorted({T - 1} | {int(np.abs(lam - v).argmin()) for v in targets[1:]})  # the noisiest target is T-1
+    while len(kept) < steps:
+        i = int(np.argmax(np.diff(kept)))
+        kept.insert(i + 1, (kept[i] + kept[i + 1]) // 2)
+    return kept
 
 
 def power_cosine_guidance(scale, power=4.0, timesteps=1000):
     """MDT/DiffiT guidance schedule (DiffiT §5.8): s(t) = 1 + (s_max - 1) (1 - cos(pi ((T - t)/T)^power)) / 2.
     About 1 at the start of sampling (t near T), s_max at t = 0. Pass it as `cfg_scale` to any sampler."""
     def schedule(t):
-        frac = (1.0 - t.double() / timesteps) ** power
+        frac = (1.0 - t.float() / timesteps) ** power
         return 1.0 + (scale - 1.0) * 0.5 * (1.0 - torch.cos(math.pi * frac))
     return schedule
 
@@ -147,6 +153,12 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(pv[1], pv[1:])) if T > 1 else np.log(betas)
         self.posterior_mean_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
+        self.log_betas = np.log(betas)                                     # learned range: the upper end
+        # fixed 'large' variance: beta_t, with the t=0 term set to beta~_1 as ADM does
+        self.log_betas_fixed_large = np.log(np.append(pv[1], betas[1:])) if T > 1 else np.log(betas)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - ac)
+        self._tables = {}  # (name, device) -> tensor, filled lazily by _table
+        self._respaced = {}  # (steps, spacing) -> respaced copy, reused by every sample() call
 
     def respaced(self, steps, spacing="uniform"):
         """A copy that keeps K of the T steps: betas recomputed from the kept alpha-bars so that the
@@ -163,10 +175,20 @@ class GaussianDiffusion:
                                  fixed_variance=self.fixed_variance, betas=betas,
                                  timestep_map=self.timestep_map[kept])
 
-    @staticmethod
-    def _gather(arr, t, x):
-        """arr[t] reshaped to broadcast against x: (B,) -> (B, 1, 1, ...)."""
-        out = torch.from_numpy(arr).to(device=t.device)[t].to(x.dtype)
+    def _table(self, name, device):
+        """A schedule array as a tensor on `device`, copied once and cached: no host-to-device copy (and no
+        host sync) per call. float64 (MPS has none: float32)."""
+        key = (name, str(device))
+        if key not in self._tables:
+            arr = getattr(self, name)
+            dtype = torch.float32 if device.type == "mps" and arr.dtype == np.float64 else None
+            self._tables[key] = torch.from_numpy(arr).to(device, dtype)
+        return self._tables[key]
+
+    def _gather(self, name, t, x):
+        """Schedule array `name` at t, shaped to broadcast against x: (B,) -> (B, 1, 1, ...). Computed in at
+        least float32: at t near T, x0 = 158 x_t - 158 eps cancels catastrophically in bf16."""
+        out = self._table(name, t.device)[t].to(torch.promote_types(x.dtype, torch.float32))
         return out.reshape(-1, *([1] * (x.ndim - 1)))
 
     # ----- forward process and posterior -----
@@ -174,13 +196,13 @@ class GaussianDiffusion:
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps  (DDPM Eq. 4)."""
         g = lambda a: self._gather(a, t, x0)
-        return g(self.sqrt_alphas_cumprod) * x0 + g(self.sqrt_one_minus_alphas_cumprod) * noise
+        return g("sqrt_alphas_cumprod") * x0 + g("sqrt_one_minus_alphas_cumprod") * noise
 
     def q_posterior(self, x0, x_t, t):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)  (DDPM Eqs. 6-7)."""
         g = lambda a: self._gather(a, t, x_t)
-        mean = g(self.posterior_mean_coef1) * x0 + g(self.posterior_mean_coef2) * x_t
-        return mean, g(self.posterior_variance), g(self.posterior_log_variance_clipped)
+        mean = g("posterior_mean_coef1") * x0 + g("posterior_mean_coef2") * x_t
+        return mean, g("posterior_variance"), g("posterior_log_variance_clipped")
 
     # ----- the model's parameterisations -----
 
@@ -188,8 +210,8 @@ class GaussianDiffusion:
         """(x0, eps) implied by the model's prediction of eps, x0 or v."""
         g = lambda a: self._gather(a, t, x_t)
         if self.prediction == "eps":
-            return g(self.sqrt_recip_alphas_cumprod) * x_t - g(self.sqrt_recipm1_alphas_cumprod) * pred, pred
-        a, s = g(self.sqrt_alphas_cumprod), g(self.sqrt_one_minus_alphas_cumprod)
+            return g("sqrt_recip_alphas_cumprod") * x_t - g("sqrt_recipm1_alphas_cumprod") * pred, pred
+        a, s = g("sqrt_alphas_cumprod"), g("sqrt_one_minus_alphas_cumprod")
         if self.prediction == "x0":
             return pred, (x_t - a * pred) / s
         return a * x_t - s * pred, a * pred + s * x_t  # v = a eps - s x0  (Salimans & Ho §4)
@@ -200,7 +222,7 @@ class GaussianDiffusion:
         if self.prediction == "x0":
             return x0
         g = lambda a: self._gather(a, t, x0)
-        return g(self.sqrt_alphas_cumprod) * noise - g(self.sqrt_one_minus_alphas_cumprod) * x0
+        return g("sqrt_alphas_cumprod") * noise - g("sqrt_one_minus_alphas_cumprod") * x0
 
     def split_output(self, out, channels):
         """Model output -> (prediction, variance values or None)."""
@@ -220,11 +242,11 @@ class GaussianDiffusion:
         g = lambda a: self._gather(a, t, x_t)
         if var_values is not None:  # learned range, Improved DDPM Eq. 15
             frac = (var_values + 1) / 2
-            log_var = frac * g(np.log(self.betas)) + (1 - frac) * g(self.posterior_log_variance_clipped)
-        elif self.fixed_variance == "large":  # beta_t, with the t=0 term set to beta~_1 as ADM does
-            log_var = g(np.log(np.append(self.posterior_variance[1], self.betas[1:])))
+            log_var = frac * g("log_betas") + (1 - frac) * g("posterior_log_variance_clipped")
+        elif self.fixed_variance == "large":
+            log_var = g("log_betas_fixed_large")
         else:
-            log_var = g(self.posterior_log_variance_clipped)
+            log_var = g("posterior_log_variance_clipped")
         x0, eps = self.predict_x0_eps(pred, x_t, t)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
@@ -262,15 +284,16 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     def _model_t(self, t):
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        """Respaced index -> the original timestep the model was trained on."""
+        return self._table("timestep_map", t.device)[t]
 
     # ----- likelihood -----
 
     def prior_bpd(self, x0):
         """KL(q(x_T | x_0) || N(0, I)) in bits/dim: the L_T term."""
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
-        mean = self._gather(self.sqrt_alphas_cumprod, t, x0) * x0
-        log_var = torch.log(self._gather(1.0 - self.alphas_cumprod, t, x0))
+        mean = self._gather("sqrt_alphas_cumprod", t, x0) * x0
+        log_var = self._gather("log_one_minus_alphas_cumprod", t, x0)
         return mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / math.log(2.0)
 
     @torch.no_grad()
@@ -278,6 +301,8 @@ class GaussianDiffusion:
         """Variational bound (negative ELBO) in bits/dim per sample: L_T + sum_t L_{t-1} + L_0.
         num_t=None sums all T terms; num_t=k is the unbiased estimate T/k * sum over k random distinct t.
         Needs a learned-sigma model or a fixed variance; eps/x0/v all work."""
+        if isinstance(model, torch.nn.Module) and model.training:
+            raise ValueError("bits_per_dim of a model in training mode (dropout on): call model.eval()")
         T = self.num_timesteps
         if num_t is None:
             ts, weight = torch.arange(T), 1.0
@@ -316,6 +341,8 @@ class GaussianDiffusion:
         if torch.is_tensor(scale):
             scale = scale.to(out.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         k = x.shape[1] if cfg_channels is None else cfg_channels
+        if not 1 <= k <= x.shape[1]:  # never guide the variance channels of a learned-sigma model
+            raise ValueError(f"cfg_channels must be in 1..{x.shape[1]} (the prediction channels), got {k}")
         guided_part = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
         return torch.cat([guided_part, cond[:, k:]], dim=1)
 
@@ -340,8 +367,13 @@ class GaussianDiffusion:
             device = next((p.device for p in model.parameters()), torch.device("cpu")) \
                 if isinstance(model, torch.nn.Module) else torch.device("cpu")
         x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
+        if isinstance(model, torch.nn.Module) and model.training:
+            raise ValueError("sampling a model in training mode (label and feature dropout on): call model.eval()")
         spacing = spacing or ("logsnr" if sampler == "dpm++2m" else "uniform")
-        diff = self if steps is None or steps == self.num_timesteps else self.respaced(steps, spacing)
+        if steps is None or (steps == self.num_timesteps and spacing == "uniform"):
+            diff = self
+        else:
+            diff = self._respaced.setdefault((steps, spacing), self.respaced(steps, spacing))
         call = lambda x, t: diff._guided_output(model, x, t, model_kwargs, cfg_scale, null_label, cfg_channels)
         step = {"ddpm": diff._ddpm_step, "ddim": diff._ddim_step, "dpm++2m": diff._dpm_solver_step}[sampler]
         state = {"eta": eta, "clip": clip_denoised, "generator": generator, "x0_prev": None, "t_prev": None}
@@ -367,9 +399,9 @@ class GaussianDiffusion:
         x0, eps = self.predict_x0_eps(pred, x, t)
         if state["clip"]:
             x0 = x0.clamp(-1, 1)
-            eps = (x - self._gather(self.sqrt_alphas_cumprod, t, x) * x0) / \
-                self._gather(self.sqrt_one_minus_alphas_cumprod, t, x)
-        ab, ab_prev = self._gather(self.alphas_cumprod, t, x), self._gather(self.alphas_cumprod_prev, t, x)
+            eps = (x - self._gather("sqrt_alphas_cumprod", t, x) * x0) / \
+                self._gather("sqrt_one_minus_alphas_cumprod", t, x)
+        ab, ab_prev = self._gather("alphas_cumprod", t, x), self._gather("alphas_cumprod_prev", t, x)
         c = state["eta"] * torch.sqrt((1 - ab / ab_prev) * (1 - ab_prev) / (1 - ab))
         x_prev = torch.sqrt(ab_prev) * x0 + torch.sqrt((1 - ab_prev - c ** 2).clamp(min=0)) * eps
         if state["eta"] > 0 and i > 0:
