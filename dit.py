@@ -254,6 +254,11 @@ class DiT(nn.Module):
             if y is None or y.shape != (x.shape[0],):
                 raise ValueError(f"class-conditional model needs y of shape ({x.shape[0]},); got "
                                  f"{None if y is None else tuple(y.shape)} (null label = {self.null_label})")
+            rows = self.y_embedder.embedding_table.num_embeddings
+            if y.dtype.is_floating_point or y.dtype.is_complex:
+                raise ValueError(f"y must hold integer class labels, got {y.dtype}")
+            if y.device.type == "cpu" and len(y) and (int(y.min()) < 0 or int(y.max()) >= rows):  # no GPU sync
+                raise ValueError(f"labels must lie in 0..{rows - 1}, got min {int(y.min())} max {int(y.max())}")
             c = c + self.y_embedder(y, self.training)       # unconditional models ignore y
         for block in self.blocks:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():

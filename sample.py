@@ -63,8 +63,9 @@ def load_model(ckpt, use_ema, device):
 
 def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, class_label=None, sampler="dpm++2m",
              steps=25, eta=0.0, cfg_scale=1.0, null_label=None, seed=0, device="cpu", progress=True):
-    """Yield (uint8 (n, C, H, W) CPU images, int64 labels or None) batches of samples; the same samples for a
-    seed on any device (noise and labels come from a CPU generator). Labels: class_label, else uniform."""
+    """Yield (uint8 (n, C, H, W) CPU images, int64 labels or None) batches of samples. The initial noise and the
+    labels come from a CPU generator (the same for a seed on any device); the per-step noise of ddpm / ddim with
+    eta > 0 comes from a generator on the device. Labels: class_label, else uniform."""
     gen = torch.Generator().manual_seed(seed)
     labels = None
     if num_classes:

@@ -430,3 +430,13 @@ def test_registry_overrides():
     with torch.device("meta"):
         m = dit.MODELS["DiT-S/2"](input_size=32, in_channels=3, num_classes=0)
     assert m.y_embedder is None and m.x_embedder.proj.weight.shape == (384, 3, 2, 2)
+
+
+def test_labels_out_of_range_or_float_raise_clear_errors():
+    m = dit.MODELS["DiT-S/2"](input_size=8, in_channels=3, num_classes=10, depth=1, hidden_size=32, num_heads=2).eval()
+    x, t = torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+    m(x, t, torch.tensor([0, 10]))  # 10 is the null label: valid
+    with pytest.raises(ValueError, match="0..10"):
+        m(x, t, torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match="integer"):
+        m(x, t, torch.tensor([0.0, 1.0]))
