@@ -27,6 +27,7 @@ MFU (GPU only) = 3 x forward MACs x 2 FLOP/MAC x images/s / the device's dense p
 the recomputation of --grad-checkpoint is not credited, as usual).
 """
 import argparse
+import copy
 import importlib
 import json
 import math
@@ -42,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from diffusion import SAMPLERS, GaussianDiffusion
-from train_cifar import BACKBONES, RECIPES, die
+from train_cifar import BACKBONES, RECIPES, autocast_forward, die, train_step, update_ema
 
 # What `train_cifar.py --backbone X` trains by default: the recipe's model, unconditional, 32x32x3 (DiT's
 # registry defaults are the ImageNet latent ones, so they are overridden the same way train_cifar does).
@@ -170,35 +171,17 @@ def summary(times, batch):
 
 # ----- One benchmark row -----
 
-def autocast_forward(model, device, precision):
-    """model(x, t, **kw) under autocast, output cast to float32 so the diffusion math stays fp32 (as train_cifar)."""
-    if precision == "fp32":
-        return model
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-
-    def forward(x, t, **kw):
-        with torch.autocast(device.type, dtype=dtype):
-            return model(x, t, **kw).float()
-    return forward
-
-
 def bench_train(model, fwd, diffusion, args, device):
-    params = [p for p in model.parameters() if p.requires_grad]
-    ema = [p.detach().clone() for p in params]
+    """Exactly train_cifar.py's step (loss, backward, grad norm, AdamW, EMA) on a fixed batch: no data loading."""
+    params, ema = list(model.parameters()), copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     x, _, y = make_inputs(model, args.batch_size, device)
-    kwargs = {} if y is None else {"y": y}
     model.train()
 
     def step():
-        loss = diffusion.training_losses(fwd, x, model_kwargs=kwargs)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, params, 1 - 0.9999)  # EMA decay 0.9999, one fused update
+        train_step(fwd, diffusion, opt, scaler, params, x, y, grad_clip=0.0)
+        update_ema(ema, model, 0.9999)
     return timed(step, args.warmup, args.steps, device)
 
 
