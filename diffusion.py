@@ -373,7 +373,9 @@ class GaussianDiffusion:
         if steps is None or (steps == self.num_timesteps and spacing == "uniform"):
             diff = self
         else:
-            diff = self._respaced.setdefault((steps, spacing), self.respaced(steps, spacing))
+            if (steps, spacing) not in self._respaced:
+                self._respaced[(steps, spacing)] = self.respaced(steps, spacing)
+            diff = self._respaced[(steps, spacing)]
         call = lambda x, t: diff._guided_output(model, x, t, model_kwargs, cfg_scale, null_label, cfg_channels)
         step = {"ddpm": diff._ddpm_step, "ddim": diff._ddim_step, "dpm++2m": diff._dpm_solver_step}[sampler]
         state = {"eta": eta, "clip": clip_denoised, "generator": generator, "x0_prev": None, "t_prev": None}

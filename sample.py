@@ -112,6 +112,11 @@ def main(argv=None):
     n_cls = meta["num_classes"]
     if args.class_label is not None and not 0 <= args.class_label < n_cls:
         die(f"--class-label must be in 0..{n_cls - 1}" if n_cls else "--class-label needs a class-conditional model")
+    if args.fid_ref and args.fid_ref.startswith("cifar10") and (meta["dataset"] != "cifar10" or
+                                                                meta["image_size"] != 32):
+        die(f"--fid-ref {args.fid_ref} only fits CIFAR-10 at 32x32; pass a stats .npz made with fid.py")
+    if args.fid_ref and args.num_samples < 10_000:
+        print(f"note: FID from {args.num_samples} samples is biased upwards; papers use 50,000 (--num-samples)")
     model = load_model(ckpt, args.ema, device)
     if args.cfg_scale != 1.0 and model.null_label is None:
         die("--cfg-scale needs a class-conditional model trained with label dropout (--class-cond, --class-dropout)")

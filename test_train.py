@@ -30,15 +30,6 @@ PER_BATCH = 10                                                   # images per pi
 
 # ----- Fixtures: a tiny official-layout CIFAR-10 archive -----
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_archive(path, members):
     """tar.gz of the folder entry cifar-10-batches-py/ and {name: bytes}, like the official one; returns its md5."""
     with tarfile.open(path, "w:gz") as tar:
@@ -261,11 +252,13 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_matches(tmp_path, cifar_dir, ba
     monkeypatch.setattr(GaussianDiffusion, "training_losses", interrupted)
     out = tmp_path / "ctrl-c"
     with pytest.raises(SystemExit, match="interrupted at step 7; checkpoint saved"):
-        train(out, cifar_dir, "--steps", 20)
+        train(out, cifar_dir, "--steps", 20, "--sample-every", 5)
     assert torch.load(out / "latest.pt", weights_only=True)["step"] == 7
+    # the interrupt saves at once: no grid (or FID) for step 7 delays the checkpoint
+    assert sorted(os.listdir(out / "samples")) == ["step_0000005.png"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     monkeypatch.setattr(GaussianDiffusion, "training_losses", real)
-    train(out, cifar_dir, "--steps", 20)
+    train(out, cifar_dir, "--steps", 20, "--sample-every", 5)
     assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in read_log(baseline)]
 
 
@@ -426,6 +419,7 @@ def run_with_ckpt(tmp_path, baseline):
     (["--backbone", "uvit", "--model", "U-ViT-Tiny"], "is from another config (backbone 'dit' != 'uvit'"),
     (["--class-cond"], "model_kwargs.num_classes 0 != 10"),
     (["--resume", "never"], "already holds a run (latest.pt); use --resume auto"),
+    (["--keep-every", "15"], "--keep-every must be a multiple of --ckpt-every"),
 ])
 def test_bad_input_exits_with_one_line_and_keeps_the_checkpoint(run_with_ckpt, cifar_dir, capsys, extra, expect):
     out, before = run_with_ckpt

@@ -144,6 +144,8 @@ def parse_args(argv=None):
               (min(args.sample_every, args.keep_every, args.fid_every) >= 0,
                "--sample-every, --keep-every and --fid-every must be >= 0"),
               (args.fid_samples >= 2, "--fid-samples must be >= 2"),
+              (args.keep_every % args.ckpt_every == 0, "--keep-every must be a multiple of --ckpt-every (kept "
+                                                       "checkpoints are copies of a checkpoint step)"),
               (1 <= args.sample_steps <= 1000, "--sample-steps must be in 1..1000")]
     for ok, msg in checks:
         if not ok:
@@ -442,7 +444,8 @@ def train(args, model, diffusion, data, labels, meta, config, out_dir, device, c
             step += 1
             bar.update(1)
             window.append(torch.stack([terms[k].detach().float().mean() for k in keys] + [gnorm.float()]))
-            last = step == args.steps or stop.signum is not None
+            done, stopping = step == args.steps, stop.signum is not None
+            last = done or stopping  # interrupted: log and checkpoint at once, no grid or FID (short SIGTERM grace)
             if step % args.log_every == 0 or last:  # the only per-window host sync
                 check_finite()
                 now, vals = time.time(), torch.stack(window).mean(0).tolist()
@@ -454,11 +457,11 @@ def train(args, model, diffusion, data, labels, meta, config, out_dir, device, c
                 plot_losses(records, os.path.join(out_dir, "loss.png"))
                 bar.set_postfix(loss=f"{vals[0]:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
                 window, t_window, step_window = [], now, step
-            if args.sample_every and meta["pixels"] and (step % args.sample_every == 0 or last):
+            if args.sample_every and meta["pixels"] and (step % args.sample_every == 0 or done):
                 check_finite(weights_too=True)
                 grid = os.path.join(out_dir, "samples", f"step_{step:07d}.png")
                 sample_grid(ema, diffusion, meta, args, device, grid)
-            if evaluate_fid and (step % args.fid_every == 0 or last):
+            if evaluate_fid and (step % args.fid_every == 0 or done):
                 check_finite(weights_too=True)
                 score, is_mean = evaluate_fid(ema)
                 records.append({"step": step, "fid": round(score, 4), "inception_score": is_mean,
