@@ -137,7 +137,8 @@ class UViT(nn.Module):
         self.out_blocks = nn.ModuleList([block(skip=skip) for _ in range(depth // 2)])
         self.norm = nn.LayerNorm(hidden_size)
         self.decoder_pred = nn.Linear(hidden_size, patch_size ** 2 * self.out_channels)
-        # Optional 3x3 conv smoothing across patch borders (U-ViT §3.1); the Huge configs have none.
+        # Optional 3x3 conv smoothing across patch borders (U-ViT §3.1); the Huge configs have none. Default init
+        # (as official): the net must first learn to undo a random filter, which slows short runs (README).
         self.final_layer = nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1) if conv else nn.Identity()
         self.initialize_weights()
 
