@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffit
-from diffit import (MODELS, DiffiTBlock, ImageDiffiT, LatentDiffiT, TMSA, get_2d_sincos_pos_embed,
+from diffit import (MODELS, DiffiTBlock, LatentDiffiT, TMSA, get_2d_sincos_pos_embed,
                     relative_position_index, timestep_embedding, window_partition, window_reverse)
 
 

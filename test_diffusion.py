@@ -369,3 +369,31 @@ def test_schedule_tables_are_copied_to_the_device_once(monkeypatch):
     monkeypatch.setattr(diffusion.torch, "from_numpy", lambda a: calls.append(a) or torch.as_tensor(a))
     run()
     assert calls == []
+
+
+def test_power_cosine_guidance_schedule():
+    s = power_cosine_guidance(4.6, power=4)
+    vals = s(torch.tensor([999, 500, 0]))
+    assert vals[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert vals[2].item() == pytest.approx(4.6)
+    assert vals[1].item() == pytest.approx(1 + 3.6 * 0.5 * (1 - math.cos(math.pi * 0.5 ** 4)))
+    # a schedule is accepted by every sampler in place of a constant scale
+    d = GaussianDiffusion("linear", T)
+    oracle = TwoOracles(d, torch.full((6,), 0.4), torch.full((6,), -0.2), null=10)
+    seen = []
+    recording = lambda t: seen.append(t[0].item()) or s(t)
+    x = d.sample(oracle, (2, 6, 2, 2), "dpm++2m", steps=10, model_kwargs={"y": torch.zeros(2, dtype=torch.long)},
+                 cfg_scale=recording, null_label=10)
+    assert seen == sorted(d.respaced(10, "logsnr").timestep_map.tolist(), reverse=True)  # original t, per step
+    assert torch.isfinite(x).all()
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="noise schedule"):
+        GaussianDiffusion("quadratic")
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion(prediction="score")
+    with pytest.raises(ValueError, match="sampler"):
+        GaussianDiffusion().sample(lambda x, t: x, (1, 1, 2, 2), "euler")
+    with pytest.raises(ValueError, match="learn_sigma"):
+        GaussianDiffusion(learn_sigma=True).training_losses(lambda x, t: x, torch.zeros(1, 3, 2, 2))

@@ -491,7 +491,7 @@ def fake_inception(monkeypatch, tmp_path):
 
 
 def test_fid_during_training_is_logged_and_matches_sample_py(tmp_path, cifar_dir, fake_inception):
-    out, (net, ref) = tmp_path / "fid", fake_inception
+    out, ref = tmp_path / "fid", fake_inception[1]
     train(out, cifar_dir, "--steps", 4, "--fid-every", 2, "--fid-samples", 6, "--fid-ref", ref,
           "--sampler", "ddim", "--sample-steps", 3)
     fids = [r for r in read_log(out) if "fid" in r]
