@@ -43,7 +43,8 @@ import torch
 import torch.nn as nn
 
 from diffusion import SAMPLERS, GaussianDiffusion
-from train_cifar import BACKBONES, RECIPES, autocast_forward, die, train_step, update_ema
+from common import BACKBONES, RunError, atomic_write, autocast_forward, check_writable, resolve_device
+from train_cifar import RECIPES, train_step, update_ema
 
 # What `train_cifar.py --backbone X` trains by default: the recipe's model, unconditional, 32x32x3 (DiT's
 # registry defaults are the ImageNet latent ones, so they are overridden the same way train_cifar does).
@@ -208,7 +209,7 @@ def bench_row(backbone, name, kwargs, args, device):
     try:
         macs, n_all, n_train = model_stats(build, kwargs)
     except (ValueError, TypeError) as e:
-        die(f"cannot build {name} with {kwargs}: {e}")
+        raise RunError(f"cannot build {name} with {kwargs}: {e}")
     row = dict(backbone=backbone, model=name, kwargs=kwargs, params=n_all, params_trainable=n_train,
                macs=macs, gmacs=macs["total"] / 1e9, precision=args.precision, attention=args.attention,
                compile=args.compile, grad_checkpoint=args.grad_checkpoint, batch_size=args.batch_size,
@@ -236,7 +237,7 @@ def bench_row(backbone, name, kwargs, args, device):
         try:
             times = run(fwd)
         except torch.OutOfMemoryError:
-            die(f"{name} ran out of memory ({key}, batch {args.batch_size}); lower --batch-size or add "
+            raise RunError(f"{name} ran out of memory ({key}, batch {args.batch_size}); lower --batch-size or add "
                 "--grad-checkpoint / --precision bf16")
         except Exception as e:  # torch.compile compiles lazily: a missing compiler fails on the first call
             if net is model:
@@ -285,11 +286,9 @@ def parse_args(argv=None):
     a("--json", help="write the results here")
     args = p.parse_args(argv)
     try:
-        args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        die(f"bad --device {args.device!r}: {e}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        die("--device cuda but no CUDA GPU is visible; use --device cpu")
+        args.device = resolve_device(args.device)
+    except RunError as e:
+        p.error(str(e))
     gpu = args.device.type == "cuda"
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
@@ -302,17 +301,17 @@ def parse_args(argv=None):
                     (1 <= args.sample_steps <= 1000, "--sample-steps must be in 1..1000"),
                     (args.sample_repeats >= 1, "--sample-repeats must be >= 1")]:
         if not ok:
-            die(msg)
+            p.error(msg)
     return args
 
 
 def select_models(args):
     """[(backbone, model name, constructor kwargs)] from --all / --backbone / --model and the overrides."""
     if args.all and (args.backbone or args.model):
-        die("--all benchmarks every backbone's CIFAR-10 model; drop --backbone/--model (or drop --all)")
+        raise RunError("--all benchmarks every backbone's CIFAR-10 model; drop --backbone/--model (or drop --all)")
     if not args.all and args.backbone not in BACKBONES:
         what = "no --backbone given" if args.backbone is None else f"unknown backbone {args.backbone!r}"
-        die(f"{what}; choose one of {', '.join(BACKBONES)} (or pass --all)")
+        raise RunError(f"{what}; choose one of {', '.join(BACKBONES)} (or pass --all)")
     over = {k: v for k, v in [("input_size", args.input_size), ("in_channels", args.in_channels),
                               ("num_classes", args.num_classes), ("learn_sigma", args.learn_sigma)] if v is not None}
     if args.num_classes:
@@ -323,7 +322,7 @@ def select_models(args):
         registry = importlib.import_module(backbone).MODELS
         for name in args.model or [CIFAR[backbone][0]]:
             if name not in registry:
-                die(f"unknown {backbone} model {name!r}; choose one of {', '.join(registry)}")
+                raise RunError(f"unknown {backbone} model {name!r}; choose one of {', '.join(registry)}")
             base = {} if args.model else CIFAR[backbone][1]  # a model named explicitly keeps its registry defaults
             picks.append((backbone, name, {**base, **over}))
     return picks
@@ -365,7 +364,16 @@ def table(rows, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except RunError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def run(args, argv):
     picks = select_models(args)
+    if args.json:
+        check_writable(args.json, "--json")  # before minutes of benchmarking
     env = environment(args.device, argv)
     t0 = time.perf_counter()
     rows = [bench_row(b, n, kw, args, args.device) for b, n, kw in picks]
@@ -381,8 +389,7 @@ def main(argv=None):
           f"after {args.warmup} warm-up; {env['wall_s']} s")
     print(table(rows, args))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 
 

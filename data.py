@@ -10,7 +10,7 @@ index on the device with no DataLoader.
   BatchIndices(n, batch_size, seed)(step)           -> (batch_size,) int64 indices for that step
   get_batch(data, labels, indices, flip)            -> (float batch in [-1, 1], labels or None)
 
-CIFAR-10 file facts (URL, size, md5, pickle layout): shared/reference/ecosystem.md §2.
+CIFAR-10 file facts (URL, size, md5, pickle layout): https://www.cs.toronto.edu/~kriz/cifar.html
 """
 import hashlib
 import os
@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common import RunError
+
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"      # 170,498,071 bytes
 CIFAR_DIR = "cifar-10-batches-py"
@@ -35,8 +37,8 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-class DataError(RuntimeError):
-    """A data problem with a message that says what to do; train_cifar.py turns it into a one-line exit."""
+class DataError(RunError):
+    """A data problem with a message that says what to do; the scripts turn it into a one-line exit."""
 
 
 # ----- CIFAR-10: download, verify, extract, parse -----
@@ -44,8 +46,7 @@ class DataError(RuntimeError):
 def _manual_hint(data_dir, url):
     archive = os.path.join(data_dir, ARCHIVE_NAME)
     return (f"download {url} by hand (md5 {CIFAR_MD5}) and put it at {archive}, or put an unpacked "
-            f"{CIFAR_DIR}/ into {data_dir}/ (offline copy: python ../shared/tools/cifar10_offline.py "
-            f"--out {data_dir} --format batches)")
+            f"{CIFAR_DIR}/ folder into {data_dir}/ (or train on your own images: --dataset folder)")
 
 
 def _md5(path, chunk=1 << 20):
@@ -118,7 +119,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _read_batch(path):
-    """One pickled batch: dict with b'data' uint8 (n, 3072) as R, G, B planes and b'labels' (ecosystem §2)."""
+    """One pickled batch: dict with b'data' uint8 (n, 3072) as R, G, B planes and b'labels'."""
     try:
         with open(path, "rb") as f:
             d = _ArrayUnpickler(f, encoding="bytes").load()
@@ -139,13 +140,18 @@ def load_cifar10(data_dir="data", train=True, download=True, url=None):
     """CIFAR-10 as (uint8 (N, 3, 32, 32), int64 (N,)): train = the 5 data batches (50k), else test_batch (10k).
     Uses data_dir/cifar-10-batches-py/ when present; otherwise downloads (md5-checked) and extracts it."""
     url = url or CIFAR_URL
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is a file; give the folder that holds (or will hold) {CIFAR_DIR}/")
     root = os.path.join(data_dir, CIFAR_DIR)
     if not os.path.isdir(root):
         archive = os.path.join(data_dir, ARCHIVE_NAME)
         if not os.path.exists(archive):
             if not download:
                 raise DataError(f"CIFAR-10 not found in {data_dir}; {_manual_hint(data_dir, url)}")
-            os.makedirs(data_dir, exist_ok=True)
+            try:
+                os.makedirs(data_dir, exist_ok=True)
+            except OSError as e:
+                raise DataError(f"cannot create --data-dir {data_dir} ({e}); choose a writable folder") from None
             print(f"downloading CIFAR-10 from {url} to {data_dir}/")
             download_file(url, archive, CIFAR_MD5)
         elif _md5(archive) != CIFAR_MD5:
@@ -195,8 +201,8 @@ def load_image_folder(root, image_size):
         try:
             with Image.open(f) as img:
                 x[i] = center_crop_resize(img, image_size)
-        except OSError as e:
-            raise DataError(f"cannot read image {f} ({e}); remove or fix it") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # bombs: PIL's pixel-count guard
+            raise DataError(f"cannot read image {f} ({type(e).__name__}: {e}); remove or fix it") from None
     return x, torch.tensor([c for _, c in files], dtype=torch.int64), classes
 
 
@@ -217,6 +223,9 @@ def load_latents(path):
     y = d.get("labels", d.get("arr_1")) if isinstance(d, dict) else None
     if z is None or z.ndim != 4 or not z.is_floating_point():
         raise DataError(f"{path} needs a float array 'latents' (or 'arr_0') of shape (N, C, H, W)")
+    if z.shape[-1] != z.shape[-2] or len(z) == 0:
+        raise DataError(f"{path}: latents {tuple(z.shape)} must be (N >= 1, C, S, S), square like the backbones' "
+                        "input_size; extract them from square (center-cropped) images")
     if y is not None and (y.shape != (len(z),)):
         raise DataError(f"{path}: labels must have shape ({len(z)},), got {tuple(y.shape)}")
     return z.float(), None if y is None else y.long()

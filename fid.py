@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import urllib.request
+import zipfile
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+from common import RunError, atomic_write, first_line, resolve_device
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -223,9 +226,9 @@ def download_weights(dst, url=None, sha1=None, progress=True):
                     while chunk := r.read(1 << 20):
                         bar.update(f.write(chunk))
             except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
-                raise RuntimeError(f"could not download the FID Inception weights ({e}); {hint}") from None
+                raise RunError(f"could not download the FID Inception weights ({e}); {hint}") from None
         if (got := sha1_of(tmp)) != sha1:
-            raise RuntimeError(f"checksum mismatch for {url}: SHA-1 {got}, expected {sha1}; {hint}")
+            raise RunError(f"checksum mismatch for {url}: SHA-1 {got}, expected {sha1}; {hint}")
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
@@ -238,7 +241,7 @@ def fid_weights_path(weights=None, cache_dir=None, progress=True):
     weights = weights or os.environ.get("FID_WEIGHTS")
     if weights:
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"FID weights file {weights} does not exist; download {FID_WEIGHTS_URL} there")
+            raise RunError(f"FID weights file {weights} does not exist; download {FID_WEIGHTS_URL} there")
         return weights
     dst = os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), os.path.basename(FID_WEIGHTS_URL))
     return dst if os.path.isfile(dst) else download_weights(dst, progress=progress)
@@ -259,8 +262,12 @@ def build_inception(weights=None, device="cpu", cache_dir=None, progress=True):
     path = fid_weights_path(weights, cache_dir, progress)
     got = sha1_of(path)
     if got != FID_WEIGHTS_SHA1:
-        raise RuntimeError(f"{path} has SHA-1 {got}, expected {FID_WEIGHTS_SHA1}: not pytorch-fid's weights; "
-                           f"delete it and download {FID_WEIGHTS_URL} by hand to that path")
+        if path == os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), os.path.basename(FID_WEIGHTS_URL)):
+            hint = f"it is a damaged download in the cache: delete it and rerun (or fetch {FID_WEIGHTS_URL} there)"
+        else:
+            hint = f"point --weights / $FID_WEIGHTS at pytorch-fid's {os.path.basename(FID_WEIGHTS_URL)}"
+        raise RunError(f"{path} has SHA-1 {got}, expected {FID_WEIGHTS_SHA1}: not pytorch-fid's FID Inception "
+                       f"weights; {hint}")
     model = InceptionV3FID()
     load_fid_state_dict(model, torch.load(path, map_location="cpu", weights_only=True))
     return model.to(device)
@@ -385,18 +392,39 @@ def inception_score_from_logits(logits, splits=10):
 def save_stats(path, mu, sigma):
     """pytorch-fid stats format: npz with float64 `mu` (D,) and `sigma` (D, D); written atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.part"
-    with open(tmp, "wb") as f:  # a file object stops np.savez from appending ".npz"
-        np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, dtype=np.float64),  # a file object: no ".npz" added
+                                          sigma=np.asarray(sigma, dtype=np.float64)))
+
+
+def read_npz(path):
+    """{name: array} of an .npz; a truncated or foreign file is a RunError naming it."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise RunError(f"cannot read {path} ({first_line(e)}); it is truncated or not an .npz: write it again") \
+            from None
 
 
 def load_stats(path):
     """(mu, sigma) float64 from a pytorch-fid-format npz (ours, or published files such as U-ViT's)."""
-    with np.load(path) as z:
-        if "mu" not in z.files or "sigma" not in z.files:
-            raise ValueError(f"{path} holds {z.files}; a statistics file needs 'mu' and 'sigma'")
-        return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    z = read_npz(path)
+    if "mu" not in z or "sigma" not in z:
+        raise RunError(f"{path} holds {sorted(z)}; a statistics file needs 'mu' and 'sigma'")
+    mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise RunError(f"{path}: mu {mu.shape} and sigma {sigma.shape} must be (D,) and (D, D)")
+    return mu, sigma
+
+
+def check_images(x, what):
+    """uint8 RGB images (N, H, W, 3) or (N, 3, H, W), N >= 2 (a covariance needs two), else a RunError."""
+    if x.dtype != np.uint8 or x.ndim != 4 or 3 not in (x.shape[1], x.shape[3]):
+        raise RunError(f"{what} holds {x.dtype} {x.shape}; expected uint8 RGB images (N, H, W, 3) as sample.py "
+                       "--npz writes (quantize floats with ((x + 1) * 127.5).round().clip(0, 255))")
+    if len(x) < 2:
+        raise RunError(f"{what} holds {len(x)} image(s); FID needs at least 2 (papers use 50,000)")
+    return x
 
 # ----- Reference statistics and the command line -----
 
@@ -408,7 +436,7 @@ def reference_stats(name, data_dir="data", cache_dir=None, model=None, batch_siz
                     recompute=False):
     """(mu, sigma, path) of a named reference set ('cifar10-train' = all 50k training images), cached as an npz."""
     if name not in NAMED_REFS:
-        raise ValueError(f"unknown reference {name!r}; choose one of {sorted(NAMED_REFS)} or pass a stats .npz")
+        raise RunError(f"unknown reference {name!r}; choose one of {sorted(NAMED_REFS)} or pass a stats .npz")
     path = ref_stats_path(name, cache_dir)
     if os.path.isfile(path) and not recompute:
         return (*load_stats(path), path)
@@ -420,46 +448,89 @@ def reference_stats(name, data_dir="data", cache_dir=None, model=None, batch_siz
 
 
 def image_folder_batches(folder, batch_size):
-    """(iterator of uint8 (B, H, W, 3) batches, count) over the PNG/JPG files under folder, sorted."""
+    """(iterator of uint8 (B, H, W, 3) batches, count) over the PNG/JPG files under folder, sorted. Every file's
+    header is read first, so a broken file or mixed sizes fail before any network is built."""
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
                    if f.lower().endswith(IMAGE_EXTS))
-    if not files:
-        raise ValueError(f"no PNG/JPG images found under {folder}")
+    if len(files) < 2:
+        raise RunError(f"{len(files)} PNG/JPG image(s) under {folder}; FID needs at least 2")
+    sizes = set()
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                sizes.add(im.size)
+        except (OSError, Image.DecompressionBombError) as e:
+            raise RunError(f"cannot read image {f} ({first_line(e)}); remove or replace it") from None
+    if len(sizes) > 1:
+        raise RunError(f"images under {folder} differ in size ({sorted(sizes)[:3]}...); resize them to one size")
 
     def batches():
         for i in range(0, len(files), batch_size):
-            imgs = [np.asarray(Image.open(f).convert("RGB")) for f in files[i:i + batch_size]]  # loads and closes
-            if len({im.shape for im in imgs}) > 1:
-                raise ValueError(f"images under {folder} differ in size; use --batch-size 1")
+            imgs = []
+            for f in files[i:i + batch_size]:
+                try:
+                    with Image.open(f) as im:
+                        imgs.append(np.asarray(im.convert("RGB")))
+                except OSError as e:  # a header that reads but a body that does not
+                    raise RunError(f"cannot decode image {f} ({first_line(e)}); remove or replace it") from None
             yield np.stack(imgs)
     return batches(), len(files)
 
 
-def source_stats(src, args, get_model, inception_score=False):
-    """(mu, sigma, IS or None) of a reference name, a stats npz, an images npz (arr_0) or an image folder."""
+def open_source(src, args):
+    """Check a samples / reference argument without any network: -> ("stats", (mu, sigma)), ("named", name) or
+    ("images", (batches, count))."""
     if src in NAMED_REFS:
-        model = None if os.path.isfile(ref_stats_path(src, args.cache_dir)) else get_model()
-        mu, sigma, path = reference_stats(src, args.data_dir, args.cache_dir, model, args.batch_size, args.device)
-        print(f"reference statistics for {src}: {path}")
-        return mu, sigma, None
+        return "named", src
     if os.path.isdir(src):
-        images, total = image_folder_batches(src, args.batch_size)
-    elif src.endswith(".npz") and os.path.isfile(src):
-        with np.load(src) as z:
-            if "mu" in z.files and "sigma" in z.files:
-                return (*load_stats(src), None)
-            if "arr_0" not in z.files:
-                raise ValueError(f"{src} holds {z.files}; expected arr_0 (uint8 N,H,W,3 images) or mu and sigma")
-            images = z["arr_0"]
-        total = len(images)
-    else:
-        raise ValueError(f"{src!r} is not a reference name {sorted(NAMED_REFS)}, an existing .npz or an image folder")
+        return "images", image_folder_batches(src, args.batch_size)
+    if src.endswith(".npz") and os.path.isfile(src):
+        z = read_npz(src)
+        if "mu" in z and "sigma" in z:
+            return "stats", load_stats(src)
+        if "arr_0" not in z:
+            raise RunError(f"{src} holds {sorted(z)}; expected arr_0 (uint8 N,H,W,3 images) or mu and sigma")
+        return "images", (check_images(z["arr_0"], src), len(z["arr_0"]))
+    raise RunError(f"{src!r} is not a reference name {sorted(NAMED_REFS)}, an existing .npz or an image folder")
+
+
+def source_stats(kind, value, args, get_model, inception_score=False):
+    """(mu, sigma, IS or None) of an opened source (see open_source)."""
+    if kind == "stats":
+        return (*value, None)
+    if kind == "named":
+        model = None if os.path.isfile(ref_stats_path(value, args.cache_dir)) else get_model()
+        mu, sigma, path = reference_stats(value, args.data_dir, args.cache_dir, model, args.batch_size, args.device)
+        print(f"reference statistics for {value}: {path}")
+        return mu, sigma, None
+    images, total = value
     with_is = inception_score and total >= 10  # IS uses 10 splits
     out = compute_statistics(images, args.batch_size, args.device, True, get_model(), with_is, total)
     return out if with_is else (*out, None)
 
 
-def main(argv=None):
+# ----- FID for the scripts (sample.py --fid-ref, train_cifar.py --fid-every) -----
+
+def fid_setup(ref, data_dir, device, weights=None, cache_dir=None):
+    """(Inception network, reference (mu, sigma)) for a named set (its statistics are computed once and cached)
+    or a stats .npz. Call it before long work, so a missing weights file or dataset fails at once."""
+    if not ref.endswith(".npz") and ref not in NAMED_REFS:
+        raise RunError(f"--fid-ref {ref!r}: choose {' or '.join(sorted(NAMED_REFS))}, or a stats .npz (mu, sigma) "
+                       "made with fid.py")
+    ref_stats = load_stats(ref) if ref.endswith(".npz") else None  # a bad file fails before the network
+    inception = build_inception(weights, device=device, cache_dir=cache_dir)
+    if ref_stats is None:
+        ref_stats = reference_stats(ref, data_dir, cache_dir, model=inception, device=device)[:2]
+    return inception, ref_stats
+
+
+def fid_score(batches, inception, ref, device, num_samples):
+    """(FID, IS mean or None) of a stream of uint8 image batches; IS (10 splits) needs >= 10 samples."""
+    stats = compute_statistics(batches, model=inception, device=device, inception_score=num_samples >= 10)
+    return frechet_distance(*stats[:2], *ref), (stats[2][0] if len(stats) == 3 else None)
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="FID / Inception Score with pytorch-fid's Inception, no scipy or TF.")
     ap.add_argument("samples", nargs="?", help="images npz (arr_0 uint8 N,H,W,3), stats npz (mu, sigma) or folder")
     ap.add_argument("--ref", default="cifar10-train", help=f"{sorted(NAMED_REFS)}, stats npz, images npz or folder")
@@ -467,13 +538,18 @@ def main(argv=None):
     ap.add_argument("--data-dir", default="data", help="dataset folder for data.load_cifar10")
     ap.add_argument("--cache-dir", default=None, help=f"weights and reference stats (default {DEFAULT_CACHE_DIR})")
     ap.add_argument("--weights", default=None, help="pt_inception-2015-12-05-6726825d.pth path (or $FID_WEIGHTS)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--batch-size", type=int, default=50)
     args = ap.parse_args(argv)
     if args.samples is None and args.make_ref is None:
         ap.error("give samples to score, or --make-ref NAME")
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
+    return args
+
+
+def run(args):
+    args.device = resolve_device(args.device)
     models = []
 
     def get_model():  # built at most once, and only if some input needs Inception features
@@ -486,8 +562,12 @@ def main(argv=None):
         print(f"reference statistics for {args.make_ref} cached at {path}")
         if args.samples is None:
             return None
-    mu1, s1, score = source_stats(args.samples, args, get_model, inception_score=True)
-    mu2, s2, _ = source_stats(args.ref, args, get_model)
+    samples, ref = open_source(args.samples, args), open_source(args.ref, args)  # inputs checked first
+    mu1, s1, score = source_stats(*samples, args, get_model, inception_score=True)
+    mu2, s2, _ = source_stats(*ref, args, get_model)
+    if mu1.shape != mu2.shape:
+        raise RunError(f"the samples have {mu1.shape[0]}-d statistics and the reference {mu2.shape[0]}-d ones; "
+                       "use a reference made with pytorch-fid's pool3 features (2048-d)")
     fid = frechet_distance(mu1, s1, mu2, s2)
     print(f"FID: {fid:.4f}")
     if score is not None:
@@ -495,8 +575,13 @@ def main(argv=None):
     return fid
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        main()
-    except (ValueError, RuntimeError, OSError, ImportError) as e:
+        return run(args)
+    except (RunError, ValueError) as e:  # ValueError: statistics that do not fit (see frechet_distance)
         raise SystemExit(f"fid.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

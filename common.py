@@ -1,0 +1,338 @@
+"""
+What the scripts (train_cifar.py, sample.py, bench.py) share, in one place they import one way:
+
+  BACKBONES, build_model(backbone, name, **kw)   --backbone name -> module with a MODELS registry -> nn.Module
+  resolve_device(name), check_precision(...)     --device / --precision checked before any long work
+  save_checkpoint / load_checkpoint / check_compatible / load_model
+                                                 checkpoint files: atomic writes, weights_only loads, resume checks
+  atomic_write, atomic_link, remove_stale_temps, check_writable, check_dir
+                                                 every file written whole or not at all; debris of killed runs removed
+  autocast_forward(model, device, precision)     model(x, t, **kw) under autocast, fp32 output
+  rng_state / set_rng_state                      every RNG as tensors, for exact resumes
+  to_uint8, save_grid, plot_losses, generate     images: [-1, 1] -> uint8, PNG grids, loss curve, batched sampling
+
+Library code: problems a user can fix raise RunError with a message that says what was wrong and what to do;
+only a script's main() turns it into the one-line error and exit code.
+"""
+import importlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+# --backbone name -> module with a MODELS registry; adding a backbone is one line here plus its recipe.
+BACKBONES = {"dit": "dit", "uvit": "uvit", "diffit": "diffit"}
+# What every train_cifar.py checkpoint holds (the model is rebuilt from backbone, model_name, model_kwargs).
+CHECKPOINT_KEYS = ("step", "model", "ema", "backbone", "model_name", "model_kwargs", "diffusion", "data")
+RESUME_KEYS = ("opt", "rng", "args")  # also needed to continue a run exactly
+
+
+class RunError(Exception):
+    """A problem with the user's input or files; the message says what was wrong and what to do."""
+
+
+def first_line(e):
+    """'TypeName: first line of the message' (for wrapping low-level errors into one-line messages)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+# ----- Models -----
+
+def build_model(backbone, model_name, **kwargs):
+    """MODELS[model_name](**kwargs) from the backbone's module."""
+    if backbone not in BACKBONES:
+        raise RunError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    models = importlib.import_module(BACKBONES[backbone]).MODELS
+    if model_name not in models:
+        raise RunError(f"unknown {backbone} model {model_name!r}; choose one of {', '.join(models)}")
+    try:
+        return models[model_name](**kwargs)
+    except (ValueError, TypeError) as e:
+        raise RunError(f"cannot build {model_name}: {e} (check --image-size, --model-arg)") from None
+
+
+def load_model(ckpt, use_ema, device, path="checkpoint"):
+    """Rebuild the checkpoint's model (eval mode) on device with its EMA or raw weights."""
+    model = build_model(ckpt["backbone"], ckpt["model_name"], **ckpt["model_kwargs"])
+    try:
+        model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    except RuntimeError as e:
+        raise RunError(f"{path}: its weights do not fit {ckpt['model_name']} with the recorded model_kwargs "
+                       f"({str(e).splitlines()[0][:120]}); the file was edited or comes from another version: "
+                       "pass an unmodified train_cifar.py checkpoint") from None
+    return model.to(device).eval()
+
+
+def resolve_device(name=None):
+    """--device as a torch.device (default cuda if available, else cpu); a bad or absent device is a RunError."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {name} but no CUDA GPU is visible to torch; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RunError(f"--device {name} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise RunError(f"--device {name}: only cpu, cuda and mps are supported")
+    return device
+
+
+def default_precision(device):
+    """bf16 on GPUs that have it; on the CPU fp32 (bf16 pays off only on CPUs with AMX tiles; see README)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "fp32"
+
+
+def check_precision(precision, device):
+    if precision == "fp16" and device.type != "cuda":
+        raise RunError("--precision fp16 needs a CUDA device (its loss scaler is CUDA-only); use bf16 or fp32")
+
+
+def autocast_forward(model, device, precision):
+    """model(x, t, **kw) under autocast, output cast to float32 so the diffusion math stays in fp32."""
+    if precision == "fp32":
+        return model
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+    def forward(x, t, **kw):
+        with torch.autocast(device.type, dtype=dtype):
+            return model(x, t, **kw).float()
+    return forward
+
+
+# ----- Files: atomic writes, stale temporaries -----
+
+TMP_RE = re.compile(r"\.tmp(\d*)$")  # <name>.tmp<pid>: what atomic_write leaves when killed (older: no pid)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def atomic_write(path, write):
+    """write(f) into <path>.tmp<pid> in the same folder, fsync, then os.replace onto path: the file is either
+    the old one or the complete new one, never half-written. OSError (full disk, read-only folder) -> RunError."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({first_line(e)}); free disk space or choose a writable folder "
+                       "(the previous file, if any, is unchanged)") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temps(folder):
+    """Delete <name>.tmp<pid> files in folder (not below) left by killed processes; returns their names."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        m = TMP_RE.search(name)
+        path = os.path.join(folder, name)
+        pid = int(m.group(1) or 0) if m else None
+        if m and pid != os.getpid() and not (pid and _pid_alive(pid)) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def atomic_link(src, dst):
+    """dst becomes the same file as src (a hard link; a copy where links are unsupported), atomically."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        raise RunError(f"cannot write {dst} ({e}); free disk space or choose a writable --out-dir") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_writable(path, what):
+    """Fail now, before any long work, if the file `path` cannot be created (its folder is made if missing)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise RunError(f"{what} {path} is a folder; give a file path")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = f"{path}.tmp{os.getpid()}"
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"cannot write {what} {path} ({first_line(e)}); choose a writable path") from None
+
+
+def check_dir(folder, what):
+    """Make the folder if missing; fail now if it is a file or not writable."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise RunError(f"{what} {folder} is a file, not a folder; give a folder path")
+    check_writable(os.path.join(folder, ".write-test"), what)
+
+
+# ----- Checkpoints -----
+
+def rng_state():
+    """Every RNG as tensors / plain types (loadable with weights_only=True)."""
+    np_s, py_s = np.random.get_state(), random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_s[0], torch.from_numpy(np_s[1].astype(np.int64)), *map(int, np_s[2:4]), float(np_s[4])],
+            "python": [py_s[0], torch.tensor(py_s[1], dtype=torch.int64), py_s[2]]}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    random.setstate((s["python"][0], tuple(s["python"][1].tolist()), s["python"][2]))
+
+
+
+
+def plain(x):
+    """Tuples -> lists etc., so the value round-trips through torch.load(weights_only=True) and JSON."""
+    return json.loads(json.dumps(x))
+
+
+def save_checkpoint(state, path):
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, resume=False):
+    """A train_cifar.py checkpoint on the CPU (weights_only=True: never unpickles code). resume=True also
+    requires what continuing the run needs (optimizer, RNG states, args)."""
+    if not os.path.isfile(path):
+        raise RunError(f"checkpoint {path} does not exist; check the path (or use --resume auto / never)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, random bytes: all "not a checkpoint"
+        raise RunError(f"cannot read checkpoint {path} ({first_line(e)[:140]}); it is truncated or not a "
+                       "train_cifar.py checkpoint: pass an older ckpt_XXXXXXX.pt or a new --out-dir") from None
+    need = CHECKPOINT_KEYS + (RESUME_KEYS if resume else ())
+    missing = [k for k in need if k not in (ckpt if isinstance(ckpt, dict) else {})]
+    if missing:
+        what = " that can be resumed" if resume else ""
+        raise RunError(f"{path} is not a train_cifar.py checkpoint{what} (missing {missing}); pass latest.pt or a "
+                       "ckpt_XXXXXXX.pt of a run")
+    return ckpt
+
+
+def check_compatible(ckpt, config, path):
+    """Resuming needs the same backbone, model, constructor kwargs, diffusion and data geometry."""
+    diffs = []
+    for k, new in plain(config).items():
+        old = plain(ckpt.get(k))
+        if isinstance(new, dict) and isinstance(old, dict):  # name the differing entries, e.g. model_kwargs.depth
+            diffs += [f"{k}.{j} {old.get(j)!r} != {new.get(j)!r}" for j in sorted({**old, **new})
+                      if old.get(j) != new.get(j)]
+        elif old != new:
+            diffs.append(f"{k} {old!r} != {new!r}")
+    if diffs:
+        raise RunError(f"{path} is from another config ({'; '.join(diffs)}); rerun with the flags it was trained "
+                       "with, or pick a new --out-dir")
+
+
+# ----- Images -----
+
+def to_uint8(x):
+    """Model-space [-1, 1] -> uint8 [0, 255] (rounded)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def save_grid(images, path, nrow=8, pad=2):
+    """(N, C, H, W) uint8 (C = 1 or 3) -> one PNG with nrow images per row and pad black pixels between;
+    written atomically."""
+    images = torch.as_tensor(images).cpu()
+    if images.ndim != 4 or images.dtype != torch.uint8 or images.shape[1] not in (1, 3):
+        raise ValueError(f"save_grid wants uint8 (N, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    cols = max(1, min(nrow, n))
+    rows = math.ceil(n / cols)
+    grid = torch.zeros(c, pad + rows * (h + pad), pad + cols * (w + pad), dtype=torch.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
+    arr = grid.permute(1, 2, 0).numpy()
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create the folder of {path} ({first_line(e)}); choose a writable path") from None
+    atomic_write(path, lambda f: Image.fromarray(arr[..., 0] if c == 1 else arr).save(f, format="PNG"))
+
+
+def plot_losses(records, path, size=(800, 480)):
+    """Loss vs step with Pillow: log10 y axis, 5 ticks per axis labelled with the default font."""
+    pts = [(r["step"], math.log10(r["loss"])) for r in records if r.get("loss", 0) > 0 and math.isfinite(r["loss"])]
+    if len(pts) < 2:
+        return
+    (W, H), (L, R, T, B) = size, (70, 20, 30, 40)
+    xs, ys = zip(*pts)
+    x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-3)  # never 0-wide
+    px = lambda s: L + (s - x0) / (x1 - x0) * (W - L - R)
+    py = lambda v: T + (y1 - v) / (y1 - y0) * (H - T - B)
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for i in range(5):
+        s, v = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
+        d.line([px(s), H - B, px(s), H - B + 4], fill="black")
+        d.text((px(s) - 15, H - B + 8), f"{int(s)}", fill="black")
+        d.line([L - 4, py(v), W - R, py(v)], fill=(225, 225, 225))
+        d.text((5, py(v) - 6), f"{10 ** v:.4g}", fill="black")
+    d.line([(px(s), py(v)) for s, v in pts], fill=(31, 119, 180), width=2)
+    d.text((L, 8), "training loss (log scale) vs step", fill="black")
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+# ----- Sampling -----
+
+def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, class_label=None, sampler="dpm++2m",
+             steps=25, eta=0.0, cfg_scale=1.0, null_label=None, seed=0, device="cpu", progress=True):
+    """Yield (uint8 (n, C, H, W) CPU images, int64 labels or None) batches of samples. The initial noise and the
+    labels come from a CPU generator (the same for a seed on any device); the per-step noise of ddpm / ddim with
+    eta > 0 comes from a generator on the device. Labels: class_label, else uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = None
+    if num_classes:
+        labels = torch.full((num_samples,), class_label) if class_label is not None \
+            else torch.randint(num_classes, (num_samples,), generator=gen)
+    for i in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not progress):
+        n = min(batch_size, num_samples - i)
+        noise = torch.randn((n, *shape), generator=gen)
+        y = None if labels is None else labels[i:i + n]
+        x = diffusion.sample(fwd, (n, *shape), sampler=sampler, steps=steps, eta=eta,
+                             model_kwargs=None if y is None else {"y": y.to(device)}, cfg_scale=cfg_scale,
+                             null_label=null_label, noise=noise, device=device, clip_denoised=True,
+                             generator=torch.Generator(device).manual_seed(seed + i))
+        yield to_uint8(x).cpu(), y
