@@ -5,84 +5,115 @@ Both models are built from one transformer block with TMSA (time-dependent multi
 Eqs. 3-8):
 - ImageDiffiT: the image-space U-shaped encoder/decoder of DiffiT ResBlocks with window TMSA (§3.2 "Image Space",
   Eqs. 9-10, App. H.1/I.1, Tables S.2/S.3). No public code exists for it; where the paper is silent we take the
-  choices marked ★ (they are ours, see /work/shared/reference/diffit.md §2.3 and §7) and expose them as keywords.
+  choices marked ★ (they are ours, not the paper's) and expose them as keywords.
 - LatentDiffiT: the isotropic latent ViT with global TMSA (§3.2 "Latent Space", App. H.2). It matches the
   state_dict layout of the official NVlabs/DiffiT release (`Diffit`: depth 28, 561,330,144 parameters at input 32),
   so the released weights load with strict=True.
 Both follow the project backbone interface: forward(x, t, y=None) with t the integer DDPM timestep in 0..T-1.
+The small primitives (timestep_embedding, PatchEmbed, unpatchify, Mlp, run_block, _check_inputs, ...) are written
+identically in dit.py, uvit.py and diffit.py, so each file stands alone and a diff between two backbones shows
+only what the papers change.
 """
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-ATTENTION_IMPLS = ("sdpa", "math")
+ATTENTION_BACKENDS = ("sdpa", "math")
 
 
 # ----- Embedding layers -----
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (B,) timesteps, [cos, sin] with frequencies exp(-ln(max_period) k/half) -> (B, dim)."""
+    """(B,) timesteps, integer or float -> (B, dim) float32 sinusoids [cos(t f_k), sin(t f_k)], cos first, with
+    f_k = max_period^(-k/half), k < half = dim // 2 (GLIDE/ADM form, as the official code); odd dim: a zero channel."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
+    if dim % 2:  # odd width: one zero channel keeps the shape
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
+    return emb  # (B, dim)
 
 
 class TimestepEmbedder(nn.Module):
-    """Time token: sinusoid -> Linear -> SiLU -> Linear ("positional time embedding + MLP with swish", §3.2)."""
+    """Timestep t -> D-dim vector: a frequency_embedding_size-d timestep_embedding, then Linear -> SiLU -> Linear
+    (the official DiT TimestepEmbedder, keys mlp.0 and mlp.2)."""
 
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size, bias=True), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size, bias=True))
 
-    def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))  # (B, hidden)
+    def forward(self, t):  # (B,)
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)  # (B, frequency_embedding_size), float32
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> vector added to the time token; row num_classes is the CFG null label (Fig. 3, DiT §3.1)."""
+    """Class label -> D-dim vector. With dropout_prob > 0 the table has one extra row, index num_classes: the null
+    label that label dropout swaps in for classifier-free guidance (DiT §3.1; the official LabelEmbedder)."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        has_null = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(has_null), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
 
-    def forward(self, labels, train):
-        if train and self.dropout_prob > 0:  # labels are dropped only while training
+    def token_drop(self, labels, force_drop_ids=None):
+        """Replace labels by the null index: at random with dropout_prob, or where force_drop_ids == 1."""
+        if self.dropout_prob <= 0:
+            raise ValueError("label dropout needs a null row: build the model with class_dropout_prob > 0")
+        if force_drop_ids is None:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        return self.embedding_table(labels)
+        else:
+            drop = force_drop_ids.to(labels.device) == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels, train, force_drop_ids=None):  # (B,)
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)  # drop only while training (or when forced)
+        return self.embedding_table(labels)  # (B, D)
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """Fixed 2D sin-cos embedding in the MAE/DiT layout: the first half of the channels encodes the column (w),
-    the second half the row (h), each as [sin, cos] with omega_k = 1/10000^(k/(D/4)). Returns (grid², D)."""
-    def one_axis(pos):  # (N,) -> (N, D/2)
-        omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
-        out = pos[:, None] * omega[None]
-        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # token n = row * grid + col (conv flatten order)
-    return torch.cat([one_axis(cols.flatten()), one_axis(rows.flatten())], dim=1).float()
+    """Fixed 2D sin-cos table (grid_size^2, embed_dim) in the MAE layout of the official DiT code: channels [0, D/2)
+    encode the column w, [D/2, D) the row h, each half [sin(pos omega_k), cos(pos omega_k)] with
+    omega_k = 1 / 10000^(k / (D/4)). Computed in float64 on the CPU (same bits on every device), returned float32."""
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64, device="cpu") / (embed_dim / 4))
+    coords = torch.arange(grid_size, dtype=torch.float64, device="cpu")
+    h, w = torch.meshgrid(coords, coords, indexing="ij")  # token n = h * grid_size + w, row-major as PatchEmbed
+
+    def axis(pos):  # (N,) -> (N, D/2)
+        angles = pos.flatten()[:, None] * omega[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.cat([axis(w), axis(h)], dim=1).float()  # (N, D)
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p×p patches -> tokens with Conv2d(kernel = stride = p) (ViT; official x_embedder)."""
+    """Non-overlapping p x p patches -> D-dim tokens with one Conv2d(kernel = stride = p, with bias) (ViT; DiT §3.2
+    "Patchify"); tokens are row-major over the (H/p, W/p) patch grid."""
 
     def __init__(self, patch_size, in_channels, hidden_size):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major over the patch grid
+    def forward(self, x):  # (B, C, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), N = H * W / p^2
+
+
+def unpatchify(x, patch_size, channels):
+    """Inverse of PatchEmbed's token order, as the official unpatchify: (B, N, p*p*C) -> (B, C, H, W) for a square
+    grid of N patches (row-major), each token vector laid out (p_row, p_col, channel)."""
+    B, N, p, c = x.shape[0], x.shape[1], patch_size, channels
+    g = int(N ** 0.5)  # patches per side
+    x = x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, g_row, p_row, g_col, p_col)
+    return x.reshape(B, c, g * p, g * p)  # (B, C, H, W)
 
 
 # ----- TMSA: time-dependent multi-head self-attention -----
@@ -118,13 +149,13 @@ class TMSA(nn.Module):
 
     def __init__(self, dim, num_heads, window_size, temb_dim, attention="sdpa"):
         super().__init__()
-        if attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}; pick a divisor")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={attention!r} is not supported; choose one of {ATTENTION_BACKENDS}")
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim, self.attention = num_heads, dim // num_heads, attention
         self.scale = self.head_dim ** -0.5
-        self.window_size, self.attention = window_size, attention
+        self.window_size = window_size
         # registration order = official state_dict order: table, index, qkv_temb, qkv, proj
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window_size))
@@ -138,29 +169,33 @@ class TMSA(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, self.num_heads).permute(2, 0, 1)
 
-    def forward(self, x, c):
+    def forward(self, x, c):  # x (Bw, N, D) windows of B samples, c (B, D_t)
         Bw, N, D = x.shape
         B = c.shape[0]
         # Eqs. 3-5: the temporal term is one vector per sample, shared by all its windows, tokens and heads
         qkv = self.qkv(x).view(B, Bw // B, N, 3 * D) + self.qkv_temb(c)[:, None, None, :]
-        q, k, v = qkv.view(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (Bw, h, N, hd)
-        bias = self.relative_bias().to(q.dtype)  # (h, N, N)
-        if self.attention == "sdpa":  # fast path: B enters as an additive float mask; default scale is hd^-0.5
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        else:  # reference path, Eq. 6 written out
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
-            out = attn.softmax(dim=-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(Bw, N, D))  # (Bw, N, D)
+        qkv = qkv.view(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # each (Bw, H, N, head_dim)
+        bias = self.relative_bias().to(q.dtype)  # (H, N, N)
+        if self.attention == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # B enters as an additive float mask
+        else:  # reference path, Eq. 6: softmax(q k^T / sqrt(head_dim) + B) v
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # (Bw, H, N, N)
+            x = attn.softmax(dim=-1) @ v  # (Bw, H, N, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(Bw, N, D))  # (Bw, N, D)
 
 
 class Mlp(nn.Module):
-    """Transformer MLP: fc1 -> GELU(tanh) -> fc2 (official code: timm Mlp, approximate GELU, no dropout)."""
+    """Token-wise MLP fc1 -> GELU -> fc2 (timm's Mlp without dropout). approximate="tanh" is the tanh GELU that the
+    official DiT and DiffiT weights were trained with; approximate="none" is the exact erf GELU (U-ViT)."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden_dim, approximate):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate=approximate)
+        self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x):
+    def forward(self, x):  # (B, N, dim)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -174,9 +209,9 @@ class DiffiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = TMSA(dim, num_heads, window_size, temb_dim, attention)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="tanh")
 
-    def forward(self, x, c, grid):
+    def forward(self, x, c, grid):  # x (B, N, D) tokens of an (H, W) grid, c (B, D_t)
         B, N, D = x.shape
         H, W = grid
         ws = self.attn.window_size
@@ -189,37 +224,40 @@ class DiffiTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-# ----- Shared helpers (both models) -----
+# ----- Model helpers -----
 
-def _null_label(model):
-    return model.num_classes if model.num_classes > 0 and model.class_dropout_prob > 0 else None
+def run_block(model, block, *args):
+    """block(*args), recomputed in backward (non-reentrant checkpoint) while training with model.grad_checkpoint on."""
+    if model.grad_checkpoint and model.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)  # keeps only the block inputs: memory for compute
+    return block(*args)
 
 
 def _check_inputs(model, x, t, y):
-    """Clear one-line errors for inputs that do not fit the model."""
+    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)
+    and, for a class-conditional model, integer labels y (B,) in 0..num_classes - 1 or the null label."""
     want = (model.in_channels, model.input_size, model.input_size)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
-        raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}; "
-                         f"build the model with matching in_channels/input_size")
-    if t.ndim != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(f"t must be a (B,) tensor of timesteps with B={x.shape[0]}, got shape {tuple(t.shape)}")
+        raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
+    B = x.shape[0]
+    if not torch.is_tensor(t) or t.shape != (B,):
+        got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        raise ValueError(f"t must be a tensor of shape ({B},), one timestep per sample, got {got}")
     if model.num_classes == 0:
         return  # unconditional: y is ignored
+    rows = model.num_classes + (model.null_label is not None)  # label table rows, null label included
     if y is None:
-        raise ValueError(f"model is class-conditional (num_classes={model.num_classes}): pass y, using the null "
-                         f"label {model.null_label} for unconditional samples")
-    if y.shape != (x.shape[0],) or y.is_floating_point():
-        raise ValueError(f"y must be a (B,) integer tensor with B={x.shape[0]}, got {y.dtype} {tuple(y.shape)}")
-    top = model.num_classes + (model.null_label is not None)
-    if y.device.type == "cpu" and y.numel() and (y.min() < 0 or y.max() >= top):  # CPU only: avoids a GPU sync
-        raise ValueError(f"labels must lie in [0, {top - 1}], got min {int(y.min())} max {int(y.max())}")
-
-
-def _run(model, block, *args):
-    """One block, under activation checkpointing (non-reentrant) while training with grad_checkpoint on."""
-    if model.grad_checkpoint and model.training and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
+        raise ValueError(f"class-conditional model: pass y of shape ({B},) with labels in 0..{rows - 1} "
+                         f"(null label {model.null_label})")
+    if not torch.is_tensor(y) or y.shape != (B,) or y.dtype.is_floating_point or y.dtype.is_complex:
+        got = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
+        raise ValueError(f"y must be an integer tensor of shape ({B},), got {got}")
+    # Range check on CPU tensors only: on a GPU, int(y.min()) would sync the device every step. Skipped while
+    # torch.compile traces: the Python ints would break the graph.
+    if y.device.type == "cpu" and B and not torch.compiler.is_compiling():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"labels must lie in 0..{rows - 1} (null label {model.null_label}), got min {lo} max {hi}")
 
 
 def _init_common(model):
@@ -250,7 +288,7 @@ class DiffiTResBlock(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.block = DiffiTBlock(channels, num_heads, window_size, temb_dim, mlp_ratio, attention)
 
-    def forward(self, x, c):
+    def forward(self, x, c):  # x (B, C, H, W), c (B, D_t)
         B, C, H, W = x.shape
         h = self.conv(self.drop(F.silu(self.norm(x))))  # (B, C, H, W)
         h = self.block(h.flatten(2).transpose(1, 2), c, (H, W))  # (B, H*W, C): every pixel is a token
@@ -278,32 +316,38 @@ class ImageDiffiT(nn.Module):
                  grad_checkpoint=False, channel_mult=(1, 2, 2), num_blocks=(2, 2, 2), window_size=4, temb_dim=512,
                  head_dim=32, num_groups=32, dropout=0.0, frequency_embedding_size=None):
         super().__init__()
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={attention!r} is not supported; choose one of {ATTENTION_BACKENDS}")
+        if in_channels < 1 or num_classes < 0:
+            raise ValueError(f"need in_channels >= 1 and num_classes >= 0 (0 = unconditional); "
+                             f"got {in_channels}, {num_classes}")
+        if not 0.0 <= class_dropout_prob <= 1.0:
+            raise ValueError(f"class_dropout_prob={class_dropout_prob} must lie in [0, 1]")
         if patch_size != 1:
             raise ValueError(f"image-space DiffiT tokenizes pixels: patch_size must be 1, got {patch_size}")
-        if attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
         levels = len(channel_mult)
         num_blocks = (depth,) * levels if depth is not None else tuple(num_blocks)
         if len(num_blocks) != levels or min(num_blocks) < 1:
             raise ValueError(f"need one block count >= 1 per level ({levels} levels), got {num_blocks}")
         if input_size % 2 ** (levels - 1):
-            raise ValueError(f"input_size {input_size} must be divisible by 2^{levels - 1} for {levels} levels")
+            raise ValueError(f"input_size={input_size} must be divisible by 2^{levels - 1} for {levels} levels")
         chans = [hidden_size * m for m in channel_mult]
         res = [input_size // 2 ** l for l in range(levels)]
         wins = [min(window_size, r) for r in res]  # a window covering the grid is global attention
         for ch, r, w in zip(chans, res, wins):
             if r % w:
-                raise ValueError(f"resolution {r} is not divisible by window_size {w}; pick a divisor")
+                raise ValueError(f"resolution {r} must be divisible by window_size={w}")
             if num_heads is None and ch % head_dim:
-                raise ValueError(f"channels {ch} not divisible by head_dim {head_dim}; change head_dim or num_heads")
+                raise ValueError(f"channels {ch} must be divisible by head_dim={head_dim} (or pass num_heads)")
             if ch % num_groups:
-                raise ValueError(f"channels {ch} not divisible by num_groups {num_groups}")
+                raise ValueError(f"channels {ch} must be divisible by num_groups={num_groups}")
         heads = [num_heads or ch // head_dim for ch in chans]
-        self.in_channels, self.input_size, self.patch_size = in_channels, input_size, 1
+        self.input_size, self.patch_size, self.in_channels = input_size, 1, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.num_classes, self.learn_sigma, self.class_dropout_prob = num_classes, learn_sigma, class_dropout_prob
         self.hidden_size, self.depth, self.num_heads = hidden_size, 2 * sum(num_blocks) - num_blocks[-1], heads[0]
-        self.num_blocks, self.window_sizes, self.grad_checkpoint = num_blocks, wins, grad_checkpoint
+        self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
+        self.attention, self.grad_checkpoint = attention, grad_checkpoint
+        self.num_blocks, self.window_sizes = num_blocks, wins
 
         self.t_embedder = TimestepEmbedder(temb_dim, frequency_embedding_size or hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, temb_dim, class_dropout_prob) if num_classes > 0 else None
@@ -324,7 +368,10 @@ class ImageDiffiT(nn.Module):
                                   nn.Conv2d(chans[0], self.out_channels, 3, padding=1))
         self.initialize_weights()
 
-    null_label = property(_null_label)
+    @property
+    def null_label(self):
+        """Index of the null (unconditional) label row used by classifier-free guidance, or None without one."""
+        return self.num_classes if self.num_classes > 0 and self.class_dropout_prob > 0 else None
 
     def initialize_weights(self):
         _init_common(self)  # ★ ours: the latent code's init for Linear/time/label/bias tables; convs keep defaults
@@ -335,21 +382,21 @@ class ImageDiffiT(nn.Module):
         """x (B, C, H, W), t (B,) integer DDPM timesteps, y (B,) labels or None -> (B, C_out, H, W)."""
         _check_inputs(self, x, t, y)
         c = self.t_embedder(t)  # (B, temb_dim) time token shared by every TMSA
-        if self.y_embedder is not None:
-            c = c + self.y_embedder(y, self.training)
+        if self.y_embedder is not None:  # unconditional models ignore y
+            c = c + self.y_embedder(y, self.training)  # (B, temb_dim): c = t_emb + y_emb
         h = self.tokenizer(x)  # (B, C0, H, W)
         skips = []
         for l, blocks in enumerate(self.encoder):
             for blk in blocks:
-                h = _run(self, blk, h, c)
+                h = run_block(self, blk, h, c)
             if l < len(self.downsample):
                 skips.append(h)  # skip = output of the last encoder ResBlock at this resolution
                 h = self.downsample[l](h)
         for up, merge, blocks in zip(self.upsample, self.skip_merge, self.decoder):
             h = merge(torch.cat([up(h), skips.pop()], dim=1))  # ★ ours: concat then 1x1 conv back to C
             for blk in blocks:
-                h = _run(self, blk, h, c)
-        return self.head(h)
+                h = run_block(self, blk, h, c)
+        return self.head(h)  # (B, C_out, H, W)
 
 
 # ----- Latent DiffiT (isotropic ViT) -----
@@ -363,8 +410,8 @@ class FinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
 
-    def forward(self, x):
-        return self.linear(F.silu(self.norm_final(x)))
+    def forward(self, x):  # (B, N, D)
+        return self.linear(F.silu(self.norm_final(x)))  # (B, N, p*p*C_out)
 
 
 class LatentDiffiT(nn.Module):
@@ -377,83 +424,82 @@ class LatentDiffiT(nn.Module):
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, attention="sdpa",
                  grad_checkpoint=False):
         super().__init__()
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={attention!r} is not supported; choose one of {ATTENTION_BACKENDS}")
         if patch_size < 1 or input_size % patch_size:
-            raise ValueError(f"input_size {input_size} must be divisible by patch_size {patch_size} (>= 1)")
+            raise ValueError(f"input_size={input_size} must be a multiple of patch_size={patch_size}")
+        if num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+        if in_channels < 1 or num_classes < 0:
+            raise ValueError(f"need in_channels >= 1 and num_classes >= 0 (0 = unconditional); "
+                             f"got {in_channels}, {num_classes}")
+        if not 0.0 <= class_dropout_prob <= 1.0:
+            raise ValueError(f"class_dropout_prob={class_dropout_prob} must lie in [0, 1]")
         if hidden_size % 4:
-            raise ValueError(f"hidden_size must be divisible by 4 for the 2D sin-cos pos_embed, got {hidden_size}")
-        self.in_channels, self.input_size, self.patch_size = in_channels, input_size, patch_size
+            raise ValueError(f"hidden_size={hidden_size} must be a multiple of 4 for the 2D sin-cos pos_embed")
+        if depth < 1:
+            raise ValueError(f"depth={depth} must be >= 1")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.num_classes, self.learn_sigma, self.class_dropout_prob = num_classes, learn_sigma, class_dropout_prob
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
-        self.grad_checkpoint = grad_checkpoint
-        self.grid = input_size // patch_size  # TMSA window = whole grid -> global attention (official comment)
+        self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
+        self.attention, self.grad_checkpoint = attention, grad_checkpoint
+        self.grid_size = input_size // patch_size  # TMSA window = whole grid -> global attention (official comment)
 
         # registration order = official state_dict order
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, 256)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
-        self.blocks = nn.ModuleList([DiffiTBlock(hidden_size, num_heads, self.grid, hidden_size, mlp_ratio,
+        self.blocks = nn.ModuleList([DiffiTBlock(hidden_size, num_heads, self.grid_size, hidden_size, mlp_ratio,
                                                  attention) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
-    null_label = property(_null_label)
+    @property
+    def null_label(self):
+        """Index of the null (unconditional) label row used by classifier-free guidance, or None without one."""
+        return self.num_classes if self.num_classes > 0 and self.class_dropout_prob > 0 else None
 
     def initialize_weights(self):
-        """Official `_initialize_weights` (diffit.md §3.1)."""
+        """Official `_initialize_weights` (NVlabs/DiffiT diffit/diffit.py); the zero head is as DiT's."""
         _init_common(self)
-        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid).unsqueeze(0))
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # patch conv initialised as a Linear
+        with torch.no_grad():
+            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).unsqueeze(0))
+            w = self.x_embedder.proj.weight  # treat the conv as a Linear over (C*p*p) inputs
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.zeros_(self.final_layer.linear.weight)  # zero head: a fresh model outputs exactly 0
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def unpatchify(self, x):
-        """(B, N, p*p*C) -> (B, C, H, W), per-token layout (p_row, p_col, C) as DiT."""
-        p, c, g = self.patch_size, self.out_channels, self.grid
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
-
     def forward(self, x, t, y=None):
         """x (B, C, H, W) latents, t (B,) integer DDPM timesteps, y (B,) labels or None -> (B, C_out, H, W)."""
         _check_inputs(self, x, t, y)
-        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        x = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)^2 tokens
         c = self.t_embedder(t)  # (B, D)
-        if self.y_embedder is not None:
-            c = c + self.y_embedder(y, self.training)  # c = t_emb + y_emb, the time token of every TMSA
-        for blk in self.blocks:
-            x = _run(self, blk, x, c, (self.grid, self.grid))
-        return self.unpatchify(self.final_layer(x))  # (B, C_out, H, W)
+        if self.y_embedder is not None:  # unconditional models ignore y
+            c = c + self.y_embedder(y, self.training)  # (B, D): c = t_emb + y_emb, the time token of every TMSA
+        for block in self.blocks:
+            x = run_block(self, block, x, c, (self.grid_size, self.grid_size))  # (B, N, D)
+        x = self.final_layer(x)  # (B, N, p*p*C_out)
+        return unpatchify(x, self.patch_size, self.out_channels)  # (B, C_out, H, W)
 
 
 # ----- Model registry -----
 
-def DiffiT_CIFAR(**kwargs):  # App. I.1: 32/16/8, 128/256/256, 2 blocks per level, window 4, time token 512
-    cfg = dict(input_size=32, hidden_size=128, channel_mult=(1, 2, 2), num_blocks=(2, 2, 2), window_size=4,
-               temb_dim=512, dropout=0.13)  # ★ dropout 0.13 = EDM CIFAR-10
-    return ImageDiffiT(**{**cfg, **kwargs})
-
-
-def DiffiT_FFHQ64(**kwargs):  # App. I.1 / Table S.2: 64/32/16/8, 128/256/256/256, blocks 1,2,2,2, window 8
-    cfg = dict(input_size=64, hidden_size=128, channel_mult=(1, 2, 2, 2), num_blocks=(1, 2, 2, 2), window_size=8,
-               temb_dim=512, dropout=0.05)  # ★ dropout 0.05 = EDM FFHQ-64
-    return ImageDiffiT(**{**cfg, **kwargs})
-
-
-def DiffiT_Tiny(**kwargs):  # ours: CPU-trainable U-shape at 32x32 (32/64/64 channels, 1 block per level)
-    cfg = dict(input_size=32, hidden_size=32, channel_mult=(1, 2, 2), num_blocks=(1, 1, 1), window_size=4,
-               temb_dim=128, head_dim=16, num_groups=8, dropout=0.0)
-    return ImageDiffiT(**{**cfg, **kwargs})
-
-
-def DiffiT_XL_2(**kwargs):  # official `Diffit`: ImageNet-256 at input_size=32, ImageNet-512 at input_size=64
-    return LatentDiffiT(**{**dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16), **kwargs})
-
-
-MODELS = {"DiffiT-CIFAR": DiffiT_CIFAR, "DiffiT-FFHQ64": DiffiT_FFHQ64, "DiffiT-XL/2": DiffiT_XL_2,
-          "DiffiT-Tiny": DiffiT_Tiny}
+MODELS = {
+    # App. I.1: 32/16/8 px, 128/256/256 channels, 2 blocks per level, window 4, time token 512; ★ dropout 0.13 (EDM)
+    "DiffiT-CIFAR": partial(ImageDiffiT, input_size=32, hidden_size=128, channel_mult=(1, 2, 2), num_blocks=(2, 2, 2),
+                            window_size=4, temb_dim=512, dropout=0.13),
+    # App. I.1 / Table S.2: 64/32/16/8 px, 128/256/256/256 channels, blocks 1/2/2/2, window 8; ★ dropout 0.05 (EDM)
+    "DiffiT-FFHQ64": partial(ImageDiffiT, input_size=64, hidden_size=128, channel_mult=(1, 2, 2, 2),
+                             num_blocks=(1, 2, 2, 2), window_size=8, temb_dim=512, dropout=0.05),
+    # official `Diffit`: ImageNet-256 at input_size=32, ImageNet-512 at input_size=64
+    "DiffiT-XL/2": partial(LatentDiffiT, depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+    # ours: CPU-trainable U-shape at 32x32 (32/64/64 channels, 1 block per level)
+    "DiffiT-Tiny": partial(ImageDiffiT, input_size=32, hidden_size=32, channel_mult=(1, 2, 2), num_blocks=(1, 1, 1),
+                           window_size=4, temb_dim=128, head_dim=16, num_groups=8, dropout=0.0),
+}
 
 
 if __name__ == "__main__":

@@ -11,10 +11,13 @@ What implements which part of the paper:
   FinalLayer + unpatchify    §3.2 "Transformer decoder": adaLN + linear to p*p*2C, rearranged to (2C, H, W)
   forward_with_cfg           §3.1 "Classifier-free guidance" in the official 3-channel form (App. A)
   MODELS                     §3.2 "Model size", Table 1: S/B/L/XL x patch 2/4/8, plus a CPU-sized DiT-Tiny
+The small primitives (timestep_embedding, PatchEmbed, unpatchify, Attention, Mlp, run_block, _check_inputs, ...)
+are written identically in dit.py, uvit.py and diffit.py, so each file stands alone and a diff between two
+backbones shows only what the papers change.
 """
 import math
+from functools import partial
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,26 +26,23 @@ from torch.utils.checkpoint import checkpoint
 ATTENTION_BACKENDS = ("sdpa", "math")
 
 
-def modulate(x, shift, scale):
-    """adaLN modulation x * (1 + scale) + shift; shift/scale (B, D) broadcast over the tokens of x (B, N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
 # ----- Embedding layers -----
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> D-dim tokens via Conv2d(kernel = stride = p) (DiT §3.2 "Patchify")."""
-
-    def __init__(self, patch_size, in_channels, hidden_size):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
-
-    def forward(self, x):                                   # (B, C, H, W)
-        return self.proj(x).flatten(2).transpose(1, 2)      # (B, T, D), tokens row-major over the (h, w) grid
+def timestep_embedding(t, dim, max_period=10000):
+    """(B,) timesteps, integer or float -> (B, dim) float32 sinusoids [cos(t f_k), sin(t f_k)], cos first, with
+    f_k = max_period^(-k/half), k < half = dim // 2 (GLIDE/ADM form, as the official code); odd dim: a zero channel."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
+    if dim % 2:  # odd width: one zero channel keeps the shape
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb  # (B, dim)
 
 
 class TimestepEmbedder(nn.Module):
-    """Raw integer timestep t -> D-dim vector: 256-d [cos, sin] frequency embedding, then Linear-SiLU-Linear."""
+    """Timestep t -> D-dim vector: a frequency_embedding_size-d timestep_embedding, then Linear -> SiLU -> Linear
+    (the official DiT TimestepEmbedder, keys mlp.0 and mlp.2)."""
 
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
@@ -50,22 +50,14 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size, bias=True), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size, bias=True))
 
-    @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
-        """(B,) timesteps -> (B, dim): [cos(t f_k), sin(t f_k)] with f_k = max_period^(-k/half), cos first."""
-        half = dim // 2
-        k = torch.arange(half, dtype=torch.float32, device=t.device)
-        freqs = torch.exp(-math.log(max_period) * k / half)                  # (half,)
-        angles = t.float()[:, None] * freqs[None, :]                        # (B, half)
-        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)   # (B, 2 * half)
-
-    def forward(self, t):                                   # (B,)
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))                # (B, D)
+    def forward(self, t):  # (B,)
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)  # (B, frequency_embedding_size), float32
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> D-dim vector. With dropout_prob > 0 an extra row (index num_classes) is the null label."""
+    """Class label -> D-dim vector. With dropout_prob > 0 the table has one extra row, index num_classes: the null
+    label that label dropout swaps in for classifier-free guidance (DiT §3.1; the official LabelEmbedder)."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
@@ -86,55 +78,86 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels, train, force_drop_ids=None):  # (B,)
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)                # drop only while training (or forced)
-        return self.embedding_table(labels)                 # (B, D)
+            labels = self.token_drop(labels, force_drop_ids)  # drop only while training (or when forced)
+        return self.embedding_table(labels)  # (B, D)
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """Fixed 2D sin-cos table (grid_size^2, D), MAE-style: channels [0, D/2) encode the column w,
-    [D/2, D) the row h; each half is [sin(pos w_k), cos(pos w_k)] with w_k = 10000^(-k/(D/4))."""
-    omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))    # (D/4,)
-    h, w = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
-                       indexing="ij")                                                       # row-major tokens
-    def axis(pos):                                          # (T,) -> (T, D/2)
-        angles = pos.reshape(-1)[:, None] * omega[None, :]
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-    return np.concatenate([axis(w), axis(h)], axis=1)       # (T, D)
+    """Fixed 2D sin-cos table (grid_size^2, embed_dim) in the MAE layout of the official DiT code: channels [0, D/2)
+    encode the column w, [D/2, D) the row h, each half [sin(pos omega_k), cos(pos omega_k)] with
+    omega_k = 1 / 10000^(k / (D/4)). Computed in float64 on the CPU (same bits on every device), returned float32."""
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64, device="cpu") / (embed_dim / 4))
+    coords = torch.arange(grid_size, dtype=torch.float64, device="cpu")
+    h, w = torch.meshgrid(coords, coords, indexing="ij")  # token n = h * grid_size + w, row-major as PatchEmbed
+
+    def axis(pos):  # (N,) -> (N, D/2)
+        angles = pos.flatten()[:, None] * omega[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.cat([axis(w), axis(h)], dim=1).float()  # (N, D)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D-dim tokens with one Conv2d(kernel = stride = p, with bias) (ViT; DiT §3.2
+    "Patchify"); tokens are row-major over the (H/p, W/p) patch grid."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):  # (B, C, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), N = H * W / p^2
+
+
+def unpatchify(x, patch_size, channels):
+    """Inverse of PatchEmbed's token order, as the official unpatchify: (B, N, p*p*C) -> (B, C, H, W) for a square
+    grid of N patches (row-major), each token vector laid out (p_row, p_col, channel)."""
+    B, N, p, c = x.shape[0], x.shape[1], patch_size, channels
+    g = int(N ** 0.5)  # patches per side
+    x = x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, g_row, p_row, g_col, p_col)
+    return x.reshape(B, c, g * p, g * p)  # (B, C, H, W)
 
 
 # ----- Transformer layers -----
 
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv Linear: rows [q; k; v], each split into heads contiguously."""
+def modulate(x, shift, scale):
+    """adaLN modulation x * (1 + scale) + shift; shift/scale (B, D) broadcast over the tokens of x (B, N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
-    def __init__(self, dim, num_heads, backend="sdpa"):
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv Linear: output rows [q; k; v], each split into heads contiguously.
+    attention="sdpa" calls F.scaled_dot_product_attention (fused kernels); "math" is the written-out reference
+    softmax(q k^T / sqrt(head_dim)) v, the same maths."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, attention="sdpa"):
         super().__init__()
-        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.num_heads, self.head_dim, self.attention = num_heads, dim // num_heads, attention
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):                                   # (B, N, D)
+    def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]                    # each (B, H, N, hd)
-        if self.backend == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:                                               # reference path: softmax(Q K^T / sqrt(d)) V
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-            out = att.softmax(dim=-1) @ v                   # (B, H, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, N, head_dim)
+        if self.attention == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v)  # default scale 1 / sqrt(head_dim)
+        else:  # reference path: softmax(q k^T / sqrt(head_dim)) v
+            attn = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, N, N)
+            x = attn.softmax(dim=-1) @ v  # (B, H, N, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
 class Mlp(nn.Module):
-    """Token-wise MLP fc1 -> GELU (tanh approximation, as the official weights were trained) -> fc2."""
+    """Token-wise MLP fc1 -> GELU -> fc2 (timm's Mlp without dropout). approximate="tanh" is the tanh GELU that the
+    official DiT and DiffiT weights were trained with; approximate="none" is the exact erf GELU (U-ViT)."""
 
-    def __init__(self, dim, hidden_dim):
+    def __init__(self, dim, hidden_dim, approximate):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x):
+    def forward(self, x):  # (B, N, dim)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -144,12 +167,12 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attention="sdpa"):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, backend=attention)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, attention=attention)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), approximate="tanh")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c):                                # x (B, N, D), c (B, D)
+    def forward(self, x, c):  # x (B, N, D), c (B, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -165,9 +188,45 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c):
+    def forward(self, x, c):  # x (B, N, D), c (B, D)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))     # (B, N, p*p*C_out)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
+
+
+# ----- Model helpers -----
+
+def run_block(model, block, *args):
+    """block(*args), recomputed in backward (non-reentrant checkpoint) while training with model.grad_checkpoint on."""
+    if model.grad_checkpoint and model.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)  # keeps only the block inputs: memory for compute
+    return block(*args)
+
+
+def _check_inputs(model, x, t, y):
+    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)
+    and, for a class-conditional model, integer labels y (B,) in 0..num_classes - 1 or the null label."""
+    want = (model.in_channels, model.input_size, model.input_size)
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+        raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
+    B = x.shape[0]
+    if not torch.is_tensor(t) or t.shape != (B,):
+        got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        raise ValueError(f"t must be a tensor of shape ({B},), one timestep per sample, got {got}")
+    if model.num_classes == 0:
+        return  # unconditional: y is ignored
+    rows = model.num_classes + (model.null_label is not None)  # label table rows, null label included
+    if y is None:
+        raise ValueError(f"class-conditional model: pass y of shape ({B},) with labels in 0..{rows - 1} "
+                         f"(null label {model.null_label})")
+    if not torch.is_tensor(y) or y.shape != (B,) or y.dtype.is_floating_point or y.dtype.is_complex:
+        got = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
+        raise ValueError(f"y must be an integer tensor of shape ({B},), got {got}")
+    # Range check on CPU tensors only: on a GPU, int(y.min()) would sync the device every step. Skipped while
+    # torch.compile traces: the Python ints would break the graph.
+    if y.device.type == "cpu" and B and not torch.compiler.is_compiling():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"labels must lie in 0..{rows - 1} (null label {model.null_label}), got min {lo} max {hi}")
 
 
 # ----- The model -----
@@ -185,13 +244,15 @@ class DiT(nn.Module):
             raise ValueError(f"input_size={input_size} must be a multiple of patch_size={patch_size}")
         if num_heads < 1 or hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
-        if hidden_size % 4:
-            raise ValueError(f"hidden_size={hidden_size} must be a multiple of 4 for the 2D sin-cos pos_embed")
-        if depth < 1 or in_channels < 1 or num_classes < 0:
-            raise ValueError(f"need depth >= 1, in_channels >= 1, num_classes >= 0; "
-                             f"got {depth}, {in_channels}, {num_classes}")
+        if in_channels < 1 or num_classes < 0:
+            raise ValueError(f"need in_channels >= 1 and num_classes >= 0 (0 = unconditional); "
+                             f"got {in_channels}, {num_classes}")
         if not 0.0 <= class_dropout_prob <= 1.0:
             raise ValueError(f"class_dropout_prob={class_dropout_prob} must lie in [0, 1]")
+        if hidden_size % 4:
+            raise ValueError(f"hidden_size={hidden_size} must be a multiple of 4 for the 2D sin-cos pos_embed")
+        if depth < 1:
+            raise ValueError(f"depth={depth} must be >= 1")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
@@ -210,7 +271,7 @@ class DiT(nn.Module):
 
     @property
     def null_label(self):
-        """Index of the null (unconditional) label row, or None when the model has none."""
+        """Index of the null (unconditional) label row used by classifier-free guidance, or None without one."""
         return self.num_classes if self.num_classes > 0 and self.class_dropout_prob > 0 else None
 
     def initialize_weights(self):
@@ -219,10 +280,9 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        pe = get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)
         with torch.no_grad():
-            self.pos_embed.copy_(torch.from_numpy(pe).float().unsqueeze(0))
-            w = self.x_embedder.proj.weight                 # treat the conv as a Linear over (C*p*p) inputs
+            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).unsqueeze(0))
+            w = self.x_embedder.proj.weight  # treat the conv as a Linear over (C*p*p) inputs
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         if self.y_embedder is not None:
@@ -235,38 +295,17 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def unpatchify(self, x):
-        """(B, T, p*p*C_out) -> (B, C_out, H, W); each token vector is laid out as (p_row, p_col, channel)."""
-        B, g, p, c = x.shape[0], self.grid_size, self.patch_size, self.out_channels
-        x = x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)          # (B, C, h, p_row, w, p_col)
-        return x.reshape(B, c, g * p, g * p)
-
     def forward(self, x, t, y=None):
-        """x (B, C, H, W), t (B,) DDPM indices (long or float), y (B,) labels -> (B, C_out, H, W)."""
-        want = (self.in_channels, self.input_size, self.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}); got {tuple(x.shape)}")
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape ({x.shape[0]},) (one timestep per sample); got {tuple(t.shape)}")
-        x = self.x_embedder(x) + self.pos_embed             # (B, T, D)
-        c = self.t_embedder(t)                              # (B, D)
-        if self.y_embedder is not None:
-            if y is None or y.shape != (x.shape[0],):
-                raise ValueError(f"class-conditional model needs y of shape ({x.shape[0]},); got "
-                                 f"{None if y is None else tuple(y.shape)} (null label = {self.null_label})")
-            rows = self.y_embedder.embedding_table.num_embeddings
-            if y.dtype.is_floating_point or y.dtype.is_complex:
-                raise ValueError(f"y must hold integer class labels, got {y.dtype}")
-            if y.device.type == "cpu" and len(y) and (int(y.min()) < 0 or int(y.max()) >= rows):  # no GPU sync
-                raise ValueError(f"labels must lie in 0..{rows - 1}, got min {int(y.min())} max {int(y.max())}")
-            c = c + self.y_embedder(y, self.training)       # unconditional models ignore y
+        """x (B, C, H, W), t (B,) DDPM indices (long or float), y (B,) labels -> (B, C_out, H, W); DiT Fig. 3."""
+        _check_inputs(self, x, t, y)
+        x = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)^2 tokens
+        c = self.t_embedder(t)  # (B, D)
+        if self.y_embedder is not None:  # unconditional models ignore y
+            c = c + self.y_embedder(y, self.training)  # (B, D): conditioning c = t_emb + y_emb
         for block in self.blocks:
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)     # recompute activations in backward
-            else:
-                x = block(x, c)
-        x = self.final_layer(x, c)                          # (B, T, p*p*C_out)
-        return self.unpatchify(x)                           # (B, C_out, H, W)
+            x = run_block(self, block, x, c)  # (B, N, D)
+        x = self.final_layer(x, c)  # (B, N, p*p*C_out)
+        return unpatchify(x, self.patch_size, self.out_channels)  # (B, C_out, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
         """Official batched CFG: the first half of x is duplicated and run once with y = [labels; nulls];
@@ -278,7 +317,7 @@ class DiT(nn.Module):
         # Guiding only channels 0..2 is a GLIDE (RGB) leftover that the official code keeps for exact
         # reproducibility of its reported numbers; we keep it for parity. The shared diffusion sampler
         # (diffusion.py, cfg_channels) offers all-channel guidance. Channel 3+ and variances pass through.
-        g = min(3, self.in_channels)                        # never guide the variance channels
+        g = min(3, self.in_channels)  # never guide the variance channels
         cond, uncond = out[:, :g].chunk(2, dim=0)
         guided = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([guided, guided], dim=0), out[:, g:]], dim=1)
@@ -286,17 +325,20 @@ class DiT(nn.Module):
 
 # ----- Registry: DiT §3.2 Table 1 configs (depth, hidden, heads) x patch sizes -----
 
-_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-
-
-def _config(depth, hidden_size, num_heads, patch_size):
-    def build(**overrides):
-        kw = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
-        return DiT(**{**kw, **overrides})
-    return build
-
-
-MODELS = {f"DiT-{s}/{p}": _config(*_SIZES[s], p) for s in ("XL", "L", "B", "S") for p in (2, 4, 8)}
-# CPU-trainable size. At CIFAR-10 settings (input_size=32, in_channels=3, num_classes=10, learn_sigma=True,
-# class_dropout_prob=0.1) it has 4,217,496 parameters in total: 4,168,344 trainable + 49,152 frozen pos_embed.
-MODELS["DiT-Tiny"] = _config(6, 192, 3, 2)
+MODELS = {
+    "DiT-XL/2": partial(DiT, depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+    "DiT-XL/4": partial(DiT, depth=28, hidden_size=1152, patch_size=4, num_heads=16),
+    "DiT-XL/8": partial(DiT, depth=28, hidden_size=1152, patch_size=8, num_heads=16),
+    "DiT-L/2": partial(DiT, depth=24, hidden_size=1024, patch_size=2, num_heads=16),
+    "DiT-L/4": partial(DiT, depth=24, hidden_size=1024, patch_size=4, num_heads=16),
+    "DiT-L/8": partial(DiT, depth=24, hidden_size=1024, patch_size=8, num_heads=16),
+    "DiT-B/2": partial(DiT, depth=12, hidden_size=768, patch_size=2, num_heads=12),
+    "DiT-B/4": partial(DiT, depth=12, hidden_size=768, patch_size=4, num_heads=12),
+    "DiT-B/8": partial(DiT, depth=12, hidden_size=768, patch_size=8, num_heads=12),
+    "DiT-S/2": partial(DiT, depth=12, hidden_size=384, patch_size=2, num_heads=6),
+    "DiT-S/4": partial(DiT, depth=12, hidden_size=384, patch_size=4, num_heads=6),
+    "DiT-S/8": partial(DiT, depth=12, hidden_size=384, patch_size=8, num_heads=6),
+    # CPU-trainable size. At CIFAR-10 settings (input_size=32, in_channels=3, num_classes=10, learn_sigma=True,
+    # class_dropout_prob=0.1) it has 4,217,496 parameters in total: 4,168,344 trainable + 49,152 frozen pos_embed.
+    "DiT-Tiny": partial(DiT, depth=6, hidden_size=192, patch_size=2, num_heads=3),
+}

@@ -62,7 +62,7 @@ def test_official_param_counts(name):
 
 
 def official_layout(D, depth, C, p, tokens, label_rows, conv, mlp_ratio=4):
-    """Key -> shape of the official UViT state_dict, written from anchors.md §2.3 (qkv without bias)."""
+    """Key -> shape of the official UViT state_dict (baofff/U-ViT libs/uvit.py @ ce55170; qkv without bias)."""
     keys = {"pos_embed": [1, tokens, D], "patch_embed.proj.weight": [D, C, p, p], "patch_embed.proj.bias": [D]}
     if label_rows:
         keys["label_emb.weight"] = [label_rows, D]
@@ -132,7 +132,7 @@ def test_strict_round_trip():
 # ----- Forward computation against an independent reference -----
 
 def reference_forward(m, x, t, y=None):
-    """Straight-line U-ViT forward from the paper / anchors §2.1 using the model's parameters only."""
+    """Straight-line U-ViT forward (U-ViT §3.1, Fig. 1; official libs/uvit.py) using the model's parameters only."""
     P = {k: v for k, v in m.state_dict().items()}
     p, D, nh = m.patch_size, m.hidden_size, m.num_heads
     B = x.shape[0]
@@ -240,6 +240,7 @@ def test_initialisation():
     assert torch.equal(m.norm.weight, torch.ones(64)) and torch.equal(m.norm.bias, torch.zeros(64))
     assert abs(m.label_emb.weight.std().item() - 1.0) < 0.2  # PyTorch default N(0, 1)
     assert m.in_blocks[0].attn.qkv.bias is None and m.in_blocks[0].norm1.eps == 1e-5
+    assert m.in_blocks[0].mlp.act.approximate == "none"  # exact erf GELU, unlike DiT's tanh form
 
 
 # ----- Runtime options -----
@@ -254,6 +255,19 @@ def test_sdpa_and_math_agree_forward_and_grad():
     ob.square().sum().backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-3, atol=1e-4, msg=n)
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
+def test_forward_compiles_without_graph_breaks():
+    """The CPU label-range check is skipped while torch.compile traces: a class-conditional forward is one graph."""
+    m = tiny(num_classes=5).eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 5])
+    torch._dynamo.reset()
+    try:
+        report = torch._dynamo.explain(m)(x, t, y)
+    finally:
+        torch._dynamo.reset()
+    assert report.graph_break_count == 0 and report.graph_count == 1, report.break_reasons
 
 
 def test_grad_checkpoint_equal_gradients():
@@ -274,16 +288,25 @@ def test_label_dropout_semantics():
     assert tiny(num_classes=10, class_dropout_prob=0.0).null_label is None and tiny().null_label is None
     torch.manual_seed(0)
     y = torch.randint(0, 10, (20000,))
-    d = m.drop_labels(y)
+    d = m.token_drop(y)
     frac = (d == 10).float().mean().item()
     assert 0.28 < frac < 0.32 and torch.equal(d[d != 10], y[d != 10])
+
+
+def test_label_dropout_prob_one():
+    """class_dropout_prob=1.0: in training every label becomes the null label, so the output is the output for
+    y = null label whatever y is; in eval nothing is dropped, so the output depends on y."""
+    m = tiny(num_classes=10, class_dropout_prob=1.0)
+    assert m.null_label == 10 and m.label_emb.num_embeddings == 11
     x, t, y = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3])
-    with torch.no_grad():  # eval mode never drops; dropping uses the null row
-        assert torch.equal(m.eval()(x, t, y), m(x, t, y))
-        null_out = m(x, t, torch.full((4,), 10))
-        m.class_dropout_prob = 0.999999
-        torch.manual_seed(1)
-        torch.testing.assert_close(m.train()(x, t, y), null_out)
+    other, nulls = (y + 1) % 10, torch.full_like(y, 10)
+    with torch.no_grad():
+        m.train()
+        dropped, dropped_other = m(x, t, y), m(x, t, other)
+        m.eval()
+        null_out, cond, cond_other = m(x, t, nulls), m(x, t, y), m(x, t, other)
+    assert torch.equal(dropped, null_out) and torch.equal(dropped_other, null_out)
+    assert not torch.allclose(cond, cond_other) and not torch.allclose(cond, null_out)
 
 
 def test_learn_sigma_channels_and_registry():
@@ -303,7 +326,9 @@ def test_learn_sigma_channels_and_registry():
 
 @pytest.mark.parametrize("kw,msg", [(dict(attention="flash"), "attention"), (dict(patch_size=3), "multiple"),
                                     (dict(num_heads=5), "divisible"), (dict(depth=5), "even"),
-                                    (dict(num_classes=-1), "num_classes"), (dict(class_dropout_prob=1.0), "dropout")])
+                                    (dict(num_classes=-1), "num_classes"),
+                                    (dict(class_dropout_prob=1.5), "class_dropout_prob"),
+                                    (dict(class_dropout_prob=-0.1), "class_dropout_prob")])
 def test_bad_constructor_args(kw, msg):
     with pytest.raises(ValueError, match=msg):
         tiny(randomize=False, **kw)

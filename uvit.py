@@ -4,6 +4,9 @@ U-ViT treats everything as a token (§3.1). The diffusion time, the class label 
 sequence for a plain pre-norm ViT. Long skip connections join shallow and deep blocks (§3.1, Fig. 1). Parameter
 names and shapes follow the official baofff/U-ViT libs/uvit.py, so the released .pth state_dicts load with
 strict=True. The official ImageNet tables have 1001 rows; load them with num_classes=1000 and class_dropout_prob > 0.
+The small primitives (timestep_embedding, PatchEmbed, unpatchify, Attention, Mlp, run_block, _check_inputs, ...)
+are written identically in dit.py, uvit.py and diffit.py, so each file stands alone and a diff between two
+backbones shows only what the papers change.
 """
 import math
 from functools import partial
@@ -11,7 +14,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
+from torch.utils.checkpoint import checkpoint
 
 ATTENTION_BACKENDS = ("sdpa", "math")
 
@@ -19,60 +22,74 @@ ATTENTION_BACKENDS = ("sdpa", "math")
 # ----- Embedding layers -----
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal time embedding [cos(t*f_k), sin(t*f_k)] with f_k = max_period^(-k/half), cos first (GLIDE/DiT)."""
+    """(B,) timesteps, integer or float -> (B, dim) float32 sinusoids [cos(t f_k), sin(t f_k)], cos first, with
+    f_k = max_period^(-k/half), k < half = dim // 2 (GLIDE/ADM form, as the official code); odd dim: a zero channel."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half), float32 like the official code
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
     if dim % 2:  # odd width: one zero channel keeps the shape
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb  # (B, dim)
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> tokens with one strided conv (kernel = stride = p, with bias)."""
+    """Non-overlapping p x p patches -> D-dim tokens with one Conv2d(kernel = stride = p, with bias) (ViT; DiT §3.2
+    "Patchify"); tokens are row-major over the (H/p, W/p) patch grid."""
 
     def __init__(self, patch_size, in_channels, hidden_size):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
+    def forward(self, x):  # (B, C, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), N = H * W / p^2
 
 
-# ----- Transformer block -----
+def unpatchify(x, patch_size, channels):
+    """Inverse of PatchEmbed's token order, as the official unpatchify: (B, N, p*p*C) -> (B, C, H, W) for a square
+    grid of N patches (row-major), each token vector laid out (p_row, p_col, channel)."""
+    B, N, p, c = x.shape[0], x.shape[1], patch_size, channels
+    g = int(N ** 0.5)  # patches per side
+    x = x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, g_row, p_row, g_col, p_col)
+    return x.reshape(B, c, g * p, g * p)  # (B, C, H, W)
+
+
+# ----- Transformer layers -----
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv Linear; rows laid out (3, heads, head_dim) = [q; k; v]."""
+    """Multi-head self-attention with one fused qkv Linear: output rows [q; k; v], each split into heads contiguously.
+    attention="sdpa" calls F.scaled_dot_product_attention (fused kernels); "math" is the written-out reference
+    softmax(q k^T / sqrt(head_dim)) v, the same maths."""
 
-    def __init__(self, dim, num_heads, qkv_bias=False, attention="sdpa"):
+    def __init__(self, dim, num_heads, qkv_bias=True, attention="sdpa"):
         super().__init__()
-        self.num_heads, self.attention = num_heads, attention
+        self.num_heads, self.head_dim, self.attention = num_heads, dim // num_heads, attention
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, N, Dh)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, N, head_dim)
         if self.attention == "sdpa":
-            x = F.scaled_dot_product_attention(q, k, v)  # fused kernel, same maths as below
-        else:
-            attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
-            x = attn.softmax(dim=-1) @ v  # (B, H, N, Dh)
+            x = F.scaled_dot_product_attention(q, k, v)  # default scale 1 / sqrt(head_dim)
+        else:  # reference path: softmax(q k^T / sqrt(head_dim)) v
+            attn = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, N, N)
+            x = attn.softmax(dim=-1) @ v  # (B, H, N, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
 class Mlp(nn.Module):
-    """Two-layer MLP with exact (erf) GELU, as in the ViT block."""
+    """Token-wise MLP fc1 -> GELU -> fc2 (timm's Mlp without dropout). approximate="tanh" is the tanh GELU that the
+    official DiT and DiffiT weights were trained with; approximate="none" is the exact erf GELU (U-ViT)."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden_dim, approximate):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate=approximate)
+        self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x):
+    def forward(self, x):  # (B, N, dim)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -82,19 +99,55 @@ class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, attention, skip=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)  # affine, eps 1e-5
-        self.attn = Attention(dim, num_heads, qkv_bias, attention)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attention=attention)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="none")
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None  # defined last: official key order
 
-    def forward(self, x, skip=None):
+    def forward(self, x, skip=None):  # x, skip (B, L, D)
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, L, 2D) -> (B, L, D), x first
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
-# ----- U-ViT -----
+# ----- Model helpers -----
+
+def run_block(model, block, *args):
+    """block(*args), recomputed in backward (non-reentrant checkpoint) while training with model.grad_checkpoint on."""
+    if model.grad_checkpoint and model.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)  # keeps only the block inputs: memory for compute
+    return block(*args)
+
+
+def _check_inputs(model, x, t, y):
+    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)
+    and, for a class-conditional model, integer labels y (B,) in 0..num_classes - 1 or the null label."""
+    want = (model.in_channels, model.input_size, model.input_size)
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+        raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
+    B = x.shape[0]
+    if not torch.is_tensor(t) or t.shape != (B,):
+        got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        raise ValueError(f"t must be a tensor of shape ({B},), one timestep per sample, got {got}")
+    if model.num_classes == 0:
+        return  # unconditional: y is ignored
+    rows = model.num_classes + (model.null_label is not None)  # label table rows, null label included
+    if y is None:
+        raise ValueError(f"class-conditional model: pass y of shape ({B},) with labels in 0..{rows - 1} "
+                         f"(null label {model.null_label})")
+    if not torch.is_tensor(y) or y.shape != (B,) or y.dtype.is_floating_point or y.dtype.is_complex:
+        got = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
+        raise ValueError(f"y must be an integer tensor of shape ({B},), got {got}")
+    # Range check on CPU tensors only: on a GPU, int(y.min()) would sync the device every step. Skipped while
+    # torch.compile traces: the Python ints would break the graph.
+    if y.device.type == "cpu" and B and not torch.compiler.is_compiling():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"labels must lie in 0..{rows - 1} (null label {model.null_label}), got min {lo} max {hi}")
+
+
+# ----- The model -----
 
 class UViT(nn.Module):
     """U-ViT (Bao et al. §3): tokens [label, time, patches] -> in-blocks -> mid-block -> out-blocks with long skips."""
@@ -104,23 +157,24 @@ class UViT(nn.Module):
                  mlp_time_embed=False, conv=True, skip=True, attention="sdpa", grad_checkpoint=False):
         super().__init__()
         if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+            raise ValueError(f"attention={attention!r} is not supported; choose one of {ATTENTION_BACKENDS}")
         if patch_size < 1 or input_size % patch_size:
-            raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+            raise ValueError(f"input_size={input_size} must be a multiple of patch_size={patch_size}")
+        if num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+        if in_channels < 1 or num_classes < 0:
+            raise ValueError(f"need in_channels >= 1 and num_classes >= 0 (0 = unconditional); "
+                             f"got {in_channels}, {num_classes}")
+        if not 0.0 <= class_dropout_prob <= 1.0:
+            raise ValueError(f"class_dropout_prob={class_dropout_prob} must lie in [0, 1]")
         if depth < 2 or depth % 2:
-            raise ValueError(f"depth must be even and >= 2 (depth//2 in-blocks + mid + depth//2 out-blocks), "
-                             f"got {depth}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0 = unconditional; the official code's -1), got {num_classes}")
-        if not 0.0 <= class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+            raise ValueError(f"depth={depth} must be even and >= 2 (depth // 2 in-blocks + mid-block + "
+                             f"depth // 2 out-blocks)")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.grad_checkpoint = grad_checkpoint
+        self.attention, self.grad_checkpoint = attention, grad_checkpoint
         self.extras = 2 if num_classes > 0 else 1  # label + time tokens, or time only
         num_patches = (input_size // patch_size) ** 2
         block = partial(Block, hidden_size, num_heads, mlp_ratio, qkv_bias, attention)
@@ -144,7 +198,7 @@ class UViT(nn.Module):
 
     @property
     def null_label(self):
-        """Index of the CFG null label, or None when the label table has no null row."""
+        """Index of the null (unconditional) label row used by classifier-free guidance, or None without one."""
         return self.num_classes if self.num_classes > 0 and self.class_dropout_prob > 0 else None
 
     def initialize_weights(self):
@@ -160,42 +214,11 @@ class UViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def drop_labels(self, y):
-        """CFG label dropout: each label becomes the null index num_classes with prob class_dropout_prob.
-        Our addition for CFG training; the official code drops labels in the dataset instead (CFGDataset)."""
-        drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
-
-    def unpatchify(self, x):
-        """(B, N, p*p*C) -> (B, C, H, W); each token is laid out (p, p, C) as in DiT."""
-        B, p, c, h = x.shape[0], self.patch_size, self.out_channels, self.input_size // self.patch_size
-        x = x.reshape(B, h, h, p, p, c)
-        return torch.einsum("bhwpqc->bchpwq", x).reshape(B, c, h * p, h * p)
-
-    def _check_inputs(self, x, t, y):
-        shape = (self.in_channels, self.input_size, self.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != shape:
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
-        B = x.shape[0]
-        if not torch.is_tensor(t) or t.shape != (B,):
-            raise ValueError(f"t must be a tensor of shape ({B},) with DDPM indices 0..999, got "
-                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
-        if self.label_emb is None:
-            return  # unconditional: y is ignored
-        if y is None:
-            raise ValueError(f"this model is class-conditional: pass y (B,) with labels in 0..{self.num_classes - 1}"
-                             + (f" or the null label {self.null_label}" if self.null_label is not None else ""))
-        if y.shape != (B,) or y.dtype.is_floating_point or y.dtype.is_complex:
-            raise ValueError(f"y must be an integer tensor of shape ({B},), got {y.dtype} {tuple(y.shape)}")
-        rows = self.label_emb.num_embeddings
-        # range check on CPU only: on a GPU it would force a device sync (and a compile graph break) every step
-        if B and y.device.type == "cpu" and (int(y.min()) < 0 or int(y.max()) >= rows):
-            raise ValueError(f"labels must lie in 0..{rows - 1}, got min {int(y.min())} max {int(y.max())}")
-
-    def _run(self, blk, *args):
-        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)  # recompute in backward
-        return blk(*args)
+    def token_drop(self, labels):
+        """CFG label dropout, as LabelEmbedder.token_drop in dit.py: each label becomes the null index num_classes
+        with probability class_dropout_prob. Our addition; the official code drops labels in its CFGDataset."""
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.class_dropout_prob
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, x, t, y=None):
         """x (B, C, H, W), t (B,) DDPM index 0..999, y (B,) labels or None -> (B, C_out, H, W).
@@ -203,24 +226,24 @@ class UViT(nn.Module):
         The official CIFAR-10 model was trained in continuous VP-SDE time and fed t*999 as a float. Our shared
         diffusion module is discrete (T=1000) and feeds the integer index, which lies on the same 0..999 scale, so
         the embedding sees the same range (the official discrete-time H models take an integer n as well)."""
-        self._check_inputs(x, t, y)
+        _check_inputs(self, x, t, y)
         x = self.patch_embed(x)  # (B, N, D)
         time_token = self.time_embed(timestep_embedding(t, self.hidden_size).to(x.dtype))  # (B, D)
         tokens = [time_token[:, None], x]
-        if self.label_emb is not None:
+        if self.label_emb is not None:  # unconditional models ignore y
             if self.training and self.class_dropout_prob > 0:
-                y = self.drop_labels(y)
+                y = self.token_drop(y)  # drop only while training
             tokens.insert(0, self.label_emb(y)[:, None])  # label first: [label, time, patches]
-        x = torch.cat(tokens, dim=1) + self.pos_embed  # (B, extras + N, D)
+        x = torch.cat(tokens, dim=1) + self.pos_embed  # (B, L, D), L = extras + N
         skips = []
         for blk in self.in_blocks:
-            x = self._run(blk, x)
+            x = run_block(self, blk, x)
             skips.append(x)
-        x = self._run(self.mid_block, x)
+        x = run_block(self, self.mid_block, x)
         for blk in self.out_blocks:
-            x = self._run(blk, x, skips.pop())  # LIFO: the deepest in-block feeds the first out-block
+            x = run_block(self, blk, x, skips.pop())  # LIFO: the deepest in-block feeds the first out-block
         x = self.decoder_pred(self.norm(x))[:, self.extras:]  # drop extra tokens: (B, N, p*p*C_out)
-        return self.final_layer(self.unpatchify(x))  # (B, C_out, H, W)
+        return self.final_layer(unpatchify(x, self.patch_size, self.out_channels))  # (B, C_out, H, W)
 
 
 # ----- Configs (U-ViT Table 2 widths/depths/heads; data settings from the official configs) -----
