@@ -376,38 +376,42 @@ class GaussianDiffusion:
             if (steps, spacing) not in self._respaced:
                 self._respaced[(steps, spacing)] = self.respaced(steps, spacing)
             diff = self._respaced[(steps, spacing)]
-        call = lambda x, t: diff._guided_output(model, x, t, model_kwargs, cfg_scale, null_label, cfg_channels)
-        step = {"ddpm": diff._ddpm_step, "ddim": diff._ddim_step, "dpm++2m": diff._dpm_solver_step}[sampler]
-        state = {"eta": eta, "clip": clip_denoised, "generator": generator, "x0_prev": None, "t_prev": None}
+        x0_prev = lam_prev = None  # carried by dpm++2m only: the previous step's x0 and its lambda
         for i in tqdm(range(diff.num_timesteps - 1, -1, -1), disable=not progress, desc=sampler):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            x = step(call(x, t), x, t, i, state)
+            out = diff._guided_output(model, x, t, model_kwargs, cfg_scale, null_label, cfg_channels)
+            if sampler == "ddpm":
+                x = diff._ddpm_step(out, x, t, i, clip_denoised, generator)
+            elif sampler == "ddim":
+                x = diff._ddim_step(out, x, t, i, eta, clip_denoised, generator)
+            else:
+                x, x0_prev, lam_prev = diff._dpm_solver_step(out, x, t, i, clip_denoised, x0_prev, lam_prev)
         return x
 
     def _noise_like(self, x, generator):
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-    def _ddpm_step(self, out, x, t, i, state):
+    def _ddpm_step(self, out, x, t, i, clip, generator):
         """x_{t-1} = mu(x_t, x0) + sigma_t z, no noise at the last step  (DDPM Alg. 2)."""
-        mean, log_var, _, _ = self.p_mean_variance(out, x, t, state["clip"])
+        mean, log_var, _, _ = self.p_mean_variance(out, x, t, clip)
         if i == 0:
             return mean
-        return mean + torch.exp(0.5 * log_var) * self._noise_like(x, state["generator"])
+        return mean + torch.exp(0.5 * log_var) * self._noise_like(x, generator)
 
-    def _ddim_step(self, out, x, t, i, state):
+    def _ddim_step(self, out, x, t, i, eta, clip, generator):
         """x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - c^2) eps + c z,
         c = eta sqrt((1 - ab_t/ab_s)(1 - ab_s)/(1 - ab_t)); the last step lands on ab = 1 (DDIM Eq. 12)."""
         pred, _ = self.split_output(out, x.shape[1])
         x0, eps = self.predict_x0_eps(pred, x, t)
-        if state["clip"]:
+        if clip:
             x0 = x0.clamp(-1, 1)
             eps = (x - self._gather("sqrt_alphas_cumprod", t, x) * x0) / \
                 self._gather("sqrt_one_minus_alphas_cumprod", t, x)
         ab, ab_prev = self._gather("alphas_cumprod", t, x), self._gather("alphas_cumprod_prev", t, x)
-        c = state["eta"] * torch.sqrt((1 - ab / ab_prev) * (1 - ab_prev) / (1 - ab))
+        c = eta * torch.sqrt((1 - ab / ab_prev) * (1 - ab_prev) / (1 - ab))
         x_prev = torch.sqrt(ab_prev) * x0 + torch.sqrt((1 - ab_prev - c ** 2).clamp(min=0)) * eps
-        if state["eta"] > 0 and i > 0:
-            x_prev = x_prev + c * self._noise_like(x, state["generator"])
+        if eta > 0 and i > 0:
+            x_prev = x_prev + c * self._noise_like(x, generator)
         return x_prev
 
     def _lambda(self, t_idx):
@@ -417,23 +421,24 @@ class GaussianDiffusion:
         ab = self.alphas_cumprod[t_idx]
         return 0.5 * math.log(ab) - 0.5 * math.log1p(-ab)
 
-    def _dpm_solver_step(self, out, x, t, i, state):
+    def _dpm_solver_step(self, out, x, t, i, clip, x0_prev, lam_prev):
         """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), from step t to s = t-1 with h = lambda_s - lambda_t:
         x_s = (sigma_s/sigma_t) x_t - alpha_s (e^{-h} - 1) D,  D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,
-        r = h_prev / h. The first step, and the final one into sigma = 0, are first order (D = x0_t)."""
+        r = h_prev / h = (lambda_t - lam_prev) / h. The first step (x0_prev None), and the final one into
+        sigma = 0, are first order (D = x0_t). Returns (x_s, x0_t, lambda_t): the next step's x0_prev, lam_prev."""
         pred, _ = self.split_output(out, x.shape[1])
         x0, _ = self.predict_x0_eps(pred, x, t)
-        if state["clip"]:
+        if clip:
             x0 = x0.clamp(-1, 1)
+        lam_t = self._lambda(i)
         if i == 0:  # sigma_s = 0: the update is exactly x0
-            return x0
+            return x0, x0, lam_t
         ab, ab_s = self.alphas_cumprod[i], self.alphas_cumprod[i - 1]
-        lam_t, lam_s = self._lambda(i), self._lambda(i - 1)
+        lam_s = self._lambda(i - 1)
         h = lam_s - lam_t
         d = x0
-        if state["x0_prev"] is not None:
-            r = (lam_t - self._lambda(state["t_prev"])) / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * state["x0_prev"]
-        state["x0_prev"], state["t_prev"] = x0, i
+        if x0_prev is not None:
+            r = (lam_t - lam_prev) / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
         sigma_ratio = math.sqrt((1 - ab_s) / (1 - ab))
-        return sigma_ratio * x - math.sqrt(ab_s) * math.expm1(-h) * d
+        return sigma_ratio * x - math.sqrt(ab_s) * math.expm1(-h) * d, x0, lam_t
