@@ -160,7 +160,11 @@ def reset_peak(device):
 def peak_memory(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:  # Linux: VmHWM is the peak RSS since the last clear_refs reset
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere: lifetime peak (Linux: KiB)
 
 
 def summary(times, batch):

@@ -2,7 +2,6 @@
 preprocessing, weights checksum handling, statistics and the CLI end to end with a stand-in feature network."""
 import hashlib
 import json
-import math
 import os
 import sys
 import types
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fid
+from common import RunError
 
 REF_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "fid_inception_keys.json")
 
@@ -106,9 +106,11 @@ def test_state_dict_matches_reference_keys_and_shapes():
     assert sorted(set(ours) - set(ref)) == []  # nothing extra
     assert sorted(set(ref) - set(ours)) == []  # nothing missing
     assert ours == ref
-    n_params = sum(math.prod(s) for k, s in ref.items() if "running_" not in k and "num_batches" not in k)
-    assert n_params == 23_850_960
-    assert sum(p.numel() for p in model.parameters()) == n_params
+    # and the parameter / buffer split is pytorch-fid's: every key but the BatchNorm running statistics is a
+    # parameter (frozen), so nothing a user fine-tunes is silently left out of the state_dict or put in twice
+    buffers = {k for k in ref if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert {k for k, _ in model.named_parameters()} == set(ref) - buffers
+    assert {k for k, _ in model.named_buffers()} == buffers
     assert all(not p.requires_grad for p in model.parameters())
 
 
@@ -119,13 +121,15 @@ def test_strict_load_of_reference_state_dict():
     model = fid.InceptionV3FID()
     model.load_state_dict(sd, strict=True)
     assert torch.equal(model.fc.weight, sd["fc.weight"])
-    # an old checkpoint without num_batches_tracked loads too; a missing weight does not
+    # an old checkpoint without num_batches_tracked loads too (into a fresh model, so that every value checked
+    # below comes from this load), the counters filled with 0; a missing weight does not load
     old = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    fid.load_fid_state_dict(model, old)
-    assert torch.equal(model.Mixed_7c.branch_pool.bn.running_var, sd["Mixed_7c.branch_pool.bn.running_var"])
+    fresh = fid.load_fid_state_dict(fid.InceptionV3FID(), old)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in old.items())
+    assert all(v.item() == 0 for k, v in fresh.state_dict().items() if k.endswith("num_batches_tracked"))
     del old["Mixed_6e.branch7x7dbl_5.conv.weight"]
     with pytest.raises(RuntimeError, match="Mixed_6e.branch7x7dbl_5.conv.weight"):
-        fid.load_fid_state_dict(model, old)
+        fid.load_fid_state_dict(fresh, old)
 
 
 def test_forward_shapes_and_eval_mode():
@@ -229,7 +233,7 @@ def test_stats_npz_round_trip(tmp_path):
     assert mu2.dtype == np.float64 and np.array_equal(mu2, mu) and np.array_equal(sigma2, sigma)
     assert os.listdir(tmp_path / "sub") == ["stats.npz"]  # no temp file left behind
     np.savez(tmp_path / "bad.npz", m=mu)
-    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+    with pytest.raises(RunError, match="'mu' and 'sigma'"):
         fid.load_stats(str(tmp_path / "bad.npz"))
 
 
@@ -241,12 +245,12 @@ def test_download_checks_sha1(tmp_path, monkeypatch):
     monkeypatch.delenv("FID_WEIGHTS", raising=False)
     cache = tmp_path / "cache"
     dst = cache / "fake.pth"
-    with pytest.raises(RuntimeError) as e:  # bad checksum: clear message naming the URL and the destination
+    with pytest.raises(RunError) as e:  # bad checksum: clear message naming the URL and the destination
         fid.fid_weights_path(cache_dir=str(cache), progress=False)
     assert "checksum mismatch" in str(e.value) and url in str(e.value) and str(dst) in str(e.value)
     assert os.listdir(cache) == []  # neither the bad file nor a temp file is left
     monkeypatch.setattr(fid, "FID_WEIGHTS_URL", (tmp_path / "missing.pth").as_uri())
-    with pytest.raises(RuntimeError, match="could not download .*by hand"):  # offline / not found
+    with pytest.raises(RunError, match="could not download .*by hand"):  # offline / not found
         fid.fid_weights_path(cache_dir=str(cache), progress=False)
     monkeypatch.setattr(fid, "FID_WEIGHTS_URL", url)
     monkeypatch.setattr(fid, "FID_WEIGHTS_SHA1", hashlib.sha1(src.read_bytes()).hexdigest())
@@ -264,7 +268,7 @@ def test_build_inception_from_weights_file(tmp_path, monkeypatch):
             v.uniform_(0.5, 2.0)
     path = tmp_path / "w.pth"
     torch.save(sd, path)
-    with pytest.raises(RuntimeError, match="expected .*not pytorch-fid's weights"):
+    with pytest.raises(RunError, match="expected .*not pytorch-fid's FID Inception weights"):
         fid.build_inception(weights=str(path), progress=False)
     monkeypatch.setattr(fid, "FID_WEIGHTS_SHA1", fid.sha1_of(str(path)))
     monkeypatch.setenv("FID_WEIGHTS", str(path))
@@ -272,7 +276,7 @@ def test_build_inception_from_weights_file(tmp_path, monkeypatch):
     assert not model.training
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
     monkeypatch.setenv("FID_WEIGHTS", str(tmp_path / "nope.pth"))
-    with pytest.raises(FileNotFoundError, match="pytorch-fid"):
+    with pytest.raises(RunError, match="nope.pth does not exist; download .*pytorch-fid"):
         fid.build_inception(progress=False)
 
 # ----- Statistics and Inception Score -----
@@ -280,18 +284,20 @@ def test_build_inception_from_weights_file(tmp_path, monkeypatch):
 def test_compute_statistics_matches_np_cov_and_streams():
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, (37, 8, 8, 3), dtype=np.uint8)
-    model = TinyFeatures(offset=100.0)  # a large mean checks the centred float64 accumulation
+    # A mean 1000 x the feature std: summing raw x x^T in float64 and subtracting n mu mu^T would lose ~1e-8
+    # relative (eps x mean^2 / var) and fail the 1e-12 below; compute_statistics centres, and agrees to ~1e-15.
+    model = TinyFeatures(offset=1000.0)
     mu, sigma, logits = direct_stats(model, images)
     mu1, s1, (is_mean, is_std) = fid.compute_statistics(images, batch_size=5, device="cpu", model=model,
                                                         inception_score=True)
     assert mu1.dtype == np.float64 and sigma.shape == (48, 48)
-    assert np.allclose(mu1, mu, rtol=0, atol=1e-12) and np.allclose(s1, sigma, rtol=1e-9, atol=1e-14)
+    assert np.allclose(mu1, mu, rtol=0, atol=1e-12) and np.allclose(s1, sigma, rtol=1e-12, atol=1e-15)
     assert (is_mean, is_std) == pytest.approx(fid.inception_score_from_logits(logits), rel=1e-6)
     # a sampler streaming NCHW tensor batches of uneven size gives the same statistics
     nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
     stream = (nchw[i:i + 9] for i in range(0, 37, 9))
     mu2, s2 = fid.compute_statistics(stream, batch_size=4, device="cpu", model=model)
-    assert np.allclose(mu2, mu, atol=1e-12) and np.allclose(s2, sigma, rtol=1e-9, atol=1e-14)
+    assert np.allclose(mu2, mu, rtol=0, atol=1e-12) and np.allclose(s2, sigma, rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="at least 2"):
         fid.compute_statistics(images[:1], device="cpu", model=model)
 
@@ -334,8 +340,9 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
         Image.fromarray(im).save(folder / f"{i:03d}.png")
     got = fid.main([str(folder), "--ref", str(tmp_path / "ref_stats.npz")] + args)
     assert got == pytest.approx(want, rel=1e-6)
-    with pytest.raises(ValueError, match="not a reference name"):
+    with pytest.raises(SystemExit, match="not a reference name") as e:  # main(): a one-line error, not a traceback
         fid.main([str(tmp_path / "nothing.npz")] + args)
+    assert "\n" not in str(e.value)
 
 
 def test_make_ref_uses_the_cifar_loader_and_caches(tmp_path, monkeypatch, capsys):
