@@ -410,7 +410,8 @@ def evaluate(run, stop, evaluate_fid, log_path, records):
 
 
 def train(run, data, labels, evaluate_fid=None):
-    """The training loop: step, EMA, logs every --log-every, grids / FID, checkpoints every --ckpt-every."""
+    """The training loop: step, EMA, logs every --log-every, grids / FID, checkpoints every --ckpt-every.
+    Returns False when a stop request ended it early (after saving a checkpoint)."""
     args, model, device = run.args, run.model, run.device
     log_path = os.path.join(run.out_dir, "log.jsonl")
     records = read_log(log_path, run.step)
@@ -453,9 +454,9 @@ def train(run, data, labels, evaluate_fid=None):
                 check_finite(run, window, weights_too=True)
                 run.save(run.elapsed + time.time() - t_start)
     if stop.signum is not None:
-        raise SystemExit(f"interrupted at step {run.step}; checkpoint saved to {run.latest}; "
-                         "rerun the command to resume")
+        return False
     print(f"done: {run.step} steps; checkpoints, log.jsonl, loss.png and samples/ are in {run.out_dir}")
+    return True
 
 
 def setup(args):
@@ -511,9 +512,12 @@ def main(argv=None):
               f"{run.device}\nrun directory: {os.path.abspath(run.out_dir)}")
         config = json.dumps({"args": plain(vars(args)), "parameters": n_params, **run.config}, indent=1)
         atomic_write(os.path.join(run.out_dir, "config.json"), lambda f: f.write(config.encode()))
-        train(run, data, labels, evaluate_fid)
+        finished = train(run, data, labels, evaluate_fid)
     except RunError as e:
         raise SystemExit(f"error: {e}")
+    if not finished:
+        raise SystemExit(f"interrupted at step {run.step}; checkpoint saved to {run.latest}; rerun the command to "
+                         "resume")
 
 
 if __name__ == "__main__":
