@@ -5,7 +5,7 @@ What the scripts (train_cifar.py, sample.py, bench.py) share, in one place they 
   resolve_device(name), check_precision(...)     --device / --precision checked before any long work
   save_checkpoint / load_checkpoint / check_compatible / load_model
                                                  checkpoint files: atomic writes, weights_only loads, resume checks
-  atomic_write, atomic_link, remove_stale_temps, check_writable, check_dir
+  atomic_write, atomic_link, remove_stale_temps, check_writable, check_dir, make_dir
                                                  every file written whole or not at all; debris of killed runs removed
   autocast_forward(model, device, precision)     model(x, t, **kw) under autocast, fp32 output
   rng_state / set_rng_state                      every RNG as tensors, for exact resumes
@@ -191,10 +191,23 @@ def check_writable(path, what):
 
 
 def check_dir(folder, what):
-    """Make the folder if missing; fail now if it is a file or not writable."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise RunError(f"{what} {folder} is a file, not a folder; give a folder path")
-    check_writable(os.path.join(folder, ".write-test"), what)
+    """Fail now if the folder cannot be made or written: it (or its nearest existing parent) is a file, or not
+    writable. Creates nothing, so a command refused later leaves no empty folder behind."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise RunError(f"{what} {folder}: {path} is a file, not a folder; give a folder path")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunError(f"{what} {folder}: {path} is not writable (read-only disk or permissions); choose a "
+                       "writable folder")
+
+
+def make_dir(folder, what):
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create {what} {folder} ({first_line(e)}); choose a writable folder") from None
 
 
 # ----- Checkpoints -----

@@ -208,7 +208,7 @@ def a_file(existing, tmp_path):
 
 TRAIN_BAD = [
     (lambda e, t: ["--out-dir", a_file(e, t)], "is a file, not a folder"),
-    (lambda e, t: ["--out-dir", os.path.join(a_file(e, t), "sub")], "cannot write --out-dir"),
+    (lambda e, t: ["--out-dir", os.path.join(a_file(e, t), "sub")], "plain.txt is a file, not a folder"),
     (lambda e, t: ["--data-dir", a_file(e, t), "--out-dir", str(t / "x")], "is a file; give the folder"),
     (lambda e, t: ["--device", "cuda"], "no CUDA GPU is visible"),
     (lambda e, t: ["--device", "foo"], "--device 'foo' is not a device"),

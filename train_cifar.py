@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 import fid
 from common import (BACKBONES, RunError, atomic_link, atomic_write, autocast_forward, build_model, check_compatible,
-                    check_dir, check_precision, default_precision, generate, load_checkpoint, plain, plot_losses,
-                    remove_stale_temps, resolve_device, rng_state, save_checkpoint, save_grid, set_rng_state,
-                    to_uint8)
+                    check_dir, check_precision, default_precision, generate, load_checkpoint, make_dir, plain,
+                    plot_losses, remove_stale_temps, resolve_device, rng_state, save_checkpoint, save_grid,
+                    set_rng_state, to_uint8)
 from data import BatchIndices, get_batch, load_dataset
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, GaussianDiffusion
 
@@ -461,6 +461,8 @@ def train(run, data, labels, evaluate_fid=None):
 
 def setup(args):
     """Everything checked and built before anything is written: -> (Run, data, labels, checkpoint, FID fn)."""
+    out_dir = args.out_dir or default_out_dir(args)
+    check_dir(out_dir, "--out-dir")  # before any download or model build
     device = resolve_device(args.device)
     args.precision = args.precision or default_precision(device)
     check_precision(args.precision, device)
@@ -486,7 +488,6 @@ def setup(args):
               "diffusion": {"schedule": args.schedule, "timesteps": 1000, "prediction": args.prediction,
                             "learn_sigma": args.learn_sigma}}
     diffusion = GaussianDiffusion(**config["diffusion"])
-    out_dir = args.out_dir or default_out_dir(args)
     ckpt_path = resume_path(args, out_dir)
     ckpt = load_checkpoint(ckpt_path, resume=True) if ckpt_path else None
     if ckpt is not None:
@@ -502,7 +503,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run, data, labels, evaluate_fid = setup(args)
-        check_dir(run.out_dir, "--out-dir")
+        make_dir(run.out_dir, "--out-dir")
         for folder in (run.out_dir, os.path.join(run.out_dir, "samples")):
             removed = remove_stale_temps(folder)
             if removed:
