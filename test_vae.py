@@ -1,0 +1,427 @@
+"""
+The Stable Diffusion VAE (vae.py): the exact diffusers layout and parameter count of sd-vae-ft-ema/-mse (on the
+meta device), every checkpoint route giving bit-identical outputs, the CompVis/LDM <-> diffusers name map both
+ways, the attention maths, the safetensors reader against files built byte by byte from the format, and the
+errors a user sees for bad input. Tiny configs only; nothing is downloaded.
+"""
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vae
+from common import RunError
+from vae import AutoencoderKL, diffusers_to_ldm, ldm_to_diffusers, load_safetensors, load_vae, save_safetensors
+
+REF = Path(__file__).resolve().parent / "reference"  # facts from the official code, see reference/README.md
+# norm_num_groups 32: a config-less file is read as 32 groups (the only value in released kl-f* VAEs)
+TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64], layers_per_block=1,
+            norm_num_groups=32, act_fn="silu", sample_size=16, down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2)
+
+
+def ref_json(name):
+    return json.loads((REF / name).read_text())
+
+
+def shapes(state_dict):
+    return {k: list(v.shape) for k, v in state_dict.items()}
+
+
+def randomized(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (p[0].numel() ** -0.5 if p.ndim > 1 else 0.1))
+    return model
+
+
+def tiny(seed=0, **kw):
+    return randomized(AutoencoderKL(**{**TINY, **kw}), seed).eval()
+
+
+def image(B=2, C=3, size=16, seed=1):
+    return torch.randn(B, C, size, size, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        mean, logvar = model.encode(x)
+        return mean, logvar, model.decode(mean)
+
+
+# ----- The SD VAE layout, on the meta device -----
+
+def test_sd_vae_keys_shapes_and_counts():
+    ref = ref_json("sd_vae_keys.json")
+    with torch.device("meta"):
+        model = AutoencoderKL(**vae.SD_VAE_CONFIG)
+    assert shapes(model.state_dict()) == ref["keys"] and len(ref["keys"]) == 248
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+    assert count(model) == ref["total_params"] == 83_653_863
+    assert count(model.encoder) == ref["encoder_params"] == 34_163_592
+    assert count(model.decoder) == ref["decoder_params"] == 49_490_179
+    assert count(model.quant_conv) == 72 and count(model.post_quant_conv) == 20
+    assert (model.scaling_factor, model.downsample_factor, model.latent_channels) == (0.18215, 8, 4)
+
+
+def test_config_json_keys_are_accepted_and_architecture_keys_checked():
+    ref = ref_json("sd_vae_keys.json")
+    with torch.device("meta"):
+        model = AutoencoderKL(**ref["resolved_config"], _class_name="AutoencoderKL", _diffusers_version="0.4.2")
+        assert shapes(model.state_dict()) == ref["keys"]
+        with pytest.warns(UserWarning, match="not_a_vae_key"):
+            AutoencoderKL(**TINY, not_a_vae_key=1)
+        for bad in [dict(act_fn="relu"), dict(down_block_types=["DownBlock2D"] * 2), dict(up_block_types=["x"]),
+                    dict(use_quant_conv=False), dict(mid_block_add_attention=False), dict(norm_num_groups=24),
+                    dict(attention="flash")]:
+            with pytest.raises(ValueError, match=next(iter(bad))):
+                AutoencoderKL(**{**TINY, **bad})
+
+
+# ----- Shapes and maths -----
+
+@pytest.mark.parametrize("chs", [[32], [32, 64], [32, 32, 64]])
+def test_encode_decode_shapes(chs):
+    model = tiny(block_out_channels=chs, down_block_types=None, up_block_types=None)
+    f = 2 ** (len(chs) - 1)
+    assert model.downsample_factor == f
+    mean, logvar, rec = outputs(model, image(size=8))
+    assert mean.shape == logvar.shape == (2, 4, 8 // f, 8 // f) and rec.shape == (2, 3, 8, 8)
+    if f > 1:
+        with pytest.raises(ValueError, match="multiples"):
+            model.encode(image(size=8 + 1))
+    with pytest.raises(ValueError, match="decode expects"):
+        model.decode(mean[:, :3])
+
+
+def test_logvar_is_clamped():
+    model = tiny()
+    for bias, bound in [(1e4, 20.0), (-1e4, -30.0)]:
+        with torch.no_grad():
+            model.quant_conv.bias[4:] = bias  # the logvar half of the moments
+        _, logvar, _ = outputs(model, image())
+        assert torch.all(logvar == bound)
+    z = AutoencoderKL.sample(torch.zeros(2, 4, 3, 3), torch.full((2, 4, 3, 3), -30.0))
+    assert z.abs().max() < 1e-5
+
+
+def test_sdpa_matches_math():
+    model = tiny()
+    math_model = AutoencoderKL(**TINY, attention="math")
+    math_model.load_state_dict(model.state_dict())
+    x = image()
+    for a, b in zip(outputs(model, x), outputs(math_model.eval(), x)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", vae.ATTENTION_BACKENDS)
+def test_attention_closed_forms(attention):
+    torch.manual_seed(0)
+    block = vae.AttentionBlock(32, 8, attention)
+    x = torch.randn(2, 32, 3, 5)
+    with torch.no_grad():
+        h = block.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        # LDM's AttnBlock: q, k, v, proj_out as 1x1 convs over (B, C, H, W), softmax over the key pixels
+        w = {n: getattr(block, n).weight[:, :, None, None] for n in ("to_q", "to_k", "to_v")}
+        q, k, v = (F.conv2d(block.group_norm(x), w[n], getattr(block, n).bias).flatten(2) for n in w)  # (B, C, HW)
+        attn = torch.softmax(q.transpose(1, 2) @ k / 32 ** 0.5, dim=-1)  # (B, HW_q, HW_k)
+        out = F.conv2d((v @ attn.transpose(1, 2)).reshape(x.shape), block.to_out[0].weight[:, :, None, None],
+                       block.to_out[0].bias)
+        assert torch.allclose(block(x), x + out, atol=1e-5)
+        # q = k = 0: uniform attention, every pixel receives the mean of v over the pixels
+        for layer in (block.to_q, block.to_k):
+            layer.weight.zero_(), layer.bias.zero_()
+        mean_v = block.to_v(h).mean(dim=1, keepdim=True)  # (B, 1, C)
+        expected = x + block.to_out[0](mean_v).transpose(1, 2)[..., None]  # broadcast over H, W
+        assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+# ----- The LDM <-> diffusers name map -----
+
+def test_name_map_round_trips_on_the_full_key_set():
+    ldm_ref, diff_ref = ref_json("sd_vae_ldm_keys.json")["keys"], ref_json("sd_vae_keys.json")["keys"]
+    with torch.device("meta"):
+        diffusers_sd = AutoencoderKL(**vae.SD_VAE_CONFIG).state_dict()
+        ldm_sd = {k: torch.empty(s) for k, s in ldm_ref.items()}
+    as_ldm = diffusers_to_ldm(diffusers_sd)
+    assert shapes(as_ldm) == ldm_ref
+    assert shapes(ldm_to_diffusers(as_ldm)) == diff_ref
+    assert shapes(ldm_to_diffusers(ldm_sd)) == diff_ref
+    assert shapes(diffusers_to_ldm(ldm_to_diffusers(ldm_sd))) == ldm_ref
+    # decoder levels are index-reversed; the widest-first diffusers block 0 is LDM's lowest-resolution level 3
+    assert as_ldm["decoder.up.3.block.0.conv1.weight"] is diffusers_sd["decoder.up_blocks.0.resnets.0.conv1.weight"]
+    assert "decoder.up.0.block.0.nin_shortcut.weight" in as_ldm and "encoder.norm_out.bias" in as_ldm
+
+
+def test_name_map_keeps_values():
+    sd = tiny().state_dict()
+    back = ldm_to_diffusers(diffusers_to_ldm(sd))
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+# ----- Every loading route -----
+
+def legacy(sd):
+    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    out = {}
+    for k, v in sd.items():
+        for new, old in names.items():
+            k = k.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        out[k] = v
+    return out
+
+
+def write_folder(folder, sd, config, ext):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **config}))
+    if ext == ".safetensors":
+        save_safetensors(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+        (folder / "diffusion_pytorch_model.bin").write_bytes(b"not read: the safetensors file comes first")
+    else:
+        torch.save(sd, folder / "diffusion_pytorch_model.bin")
+    return folder
+
+
+def other(shape):
+    return torch.ones(shape)
+
+
+ROUTES = {  # name -> writes the tiny model's state_dict one way and returns the path to load
+    "folder-safetensors": lambda d, sd: write_folder(d / "vae", sd, TINY, ".safetensors"),
+    "folder-bin": lambda d, sd: write_folder(d / "vae", sd, TINY, ".bin"),
+    "folder-legacy-attention": lambda d, sd: write_folder(d / "vae", legacy(sd), TINY, ".bin"),
+    "safetensors-diffusers": lambda d, sd: save_safetensors(sd, str(d / "v.safetensors")) or d / "v.safetensors",
+    "safetensors-legacy-attention":
+        lambda d, sd: save_safetensors(legacy(sd), str(d / "v.safetensors")) or d / "v.safetensors",
+    "pt-ldm": lambda d, sd: torch.save(diffusers_to_ldm(sd), d / "v.pt") or d / "v.pt",
+    "pth-ldm-with-loss": lambda d, sd: torch.save(
+        {**diffusers_to_ldm(sd), "loss.logvar": other(())}, d / "v.pth") or d / "v.pth",
+    "ckpt-state_dict": lambda d, sd: torch.save(
+        {"state_dict": diffusers_to_ldm(sd), "global_step": 7}, d / "v.ckpt") or d / "v.ckpt",
+    "ckpt-first_stage_model": lambda d, sd: torch.save({"state_dict": {
+        **{"first_stage_model." + k: v for k, v in diffusers_to_ldm(sd).items()},
+        "model.diffusion_model.out.0.weight": other(3), "cond_stage_model.proj": other((2, 2))}}, d / "sd.ckpt")
+        or d / "sd.ckpt",
+    "safetensors-first_stage_model": lambda d, sd: save_safetensors(
+        {"model.diffusion_model.x": other(2), **{"first_stage_model." + k: v for k, v in diffusers_to_ldm(sd).items()}},
+        str(d / "sd.safetensors")) or d / "sd.safetensors",
+    "bin-diffusers-config-less": lambda d, sd: torch.save(sd, d / "v.bin") or d / "v.bin",
+}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_every_route_loads_bit_identically(route, tmp_path):
+    model, x = tiny(), image()
+    path = ROUTES[route](tmp_path, model.state_dict())
+    loaded = load_vae(path)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert loaded.config["block_out_channels"] == TINY["block_out_channels"]
+    for a, b in zip(outputs(model, x), outputs(loaded, x)):
+        assert torch.equal(a, b)
+
+
+def test_folder_config_is_used(tmp_path):
+    model, x = tiny(norm_num_groups=8), image()
+    loaded = load_vae(write_folder(tmp_path / "vae", model.state_dict(), {**TINY, "norm_num_groups": 8,
+                                                                          "scaling_factor": 0.5}, ".safetensors"),
+                      attention="math")
+    assert loaded.encoder.conv_norm_out.num_groups == 8 and loaded.scaling_factor == 0.5
+    assert loaded.encoder.mid_block.attentions[0].attention == "math"
+    for a, b in zip(outputs(model, x), outputs(loaded, x)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+# ----- Bad input: one RunError naming the file -----
+
+def test_bad_paths_and_folders(tmp_path):
+    with pytest.raises(RunError, match="no such file"):
+        load_vae(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="empty.*config.json"):
+        load_vae(tmp_path / "empty")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(TINY))
+    with pytest.raises(RunError, match="cfg.*diffusion_pytorch_model"):
+        load_vae(tmp_path / "cfg")
+    (tmp_path / "cfg" / "diffusion_pytorch_model.bin").write_bytes(b"")
+    (tmp_path / "cfg" / "config.json").write_text("{not json")
+    with pytest.raises(RunError, match="config.json.*JSON"):
+        load_vae(tmp_path / "cfg")
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({**TINY, "act_fn": "gelu"}))
+    with pytest.raises(RunError, match="config.json.*act_fn"):
+        load_vae(tmp_path / "cfg")
+    (tmp_path / "v.txt").write_text("x")
+    with pytest.raises(RunError, match="v.txt.*unknown checkpoint type"):
+        load_vae(tmp_path / "v.txt")
+
+
+class NotATensor:
+    pass
+
+
+def test_bad_files(tmp_path):
+    cases = {
+        "other.safetensors": lambda p: save_safetensors({"unet.conv.weight": other(2)}, str(p)),
+        "tensor.pt": lambda p: torch.save(other(2), p),
+        "code.ckpt": lambda p: torch.save({"state_dict": {}, "obj": NotATensor()}, p),
+        "garbage.bin": lambda p: p.write_bytes(b"\x00not a pickle"),
+        "bad.safetensors": lambda p: p.write_bytes(b"\x01\x00"),
+        "partial.pt": lambda p: torch.save({"encoder.down_blocks.0.resnets.0.conv1.weight": other((8, 8, 3, 3))}, p),
+    }
+    expected = {"other.safetensors": "no known VAE layout", "tensor.pt": "not a state_dict",
+                "code.ckpt": "needs code", "garbage.bin": "torch.load cannot read", "bad.safetensors": "shorter",
+                "partial.pt": "cannot infer"}
+    for name, write in cases.items():
+        write(tmp_path / name)
+        with pytest.raises(RunError, match=f"{name}.*{expected[name]}"):
+            load_vae(tmp_path / name)
+
+
+@pytest.mark.parametrize("problem", ["missing", "unexpected", "shape"])
+def test_strict_loading(problem, tmp_path):
+    sd = dict(tiny().state_dict())
+    if problem == "missing":
+        del sd["decoder.up_blocks.1.resnets.1.conv2.bias"]
+        key = "missing decoder.up_blocks.1.resnets.1.conv2.bias"
+    elif problem == "unexpected":
+        sd["encoder.extra.weight"] = other(3)
+        key = "unexpected encoder.extra.weight"
+    else:
+        sd["encoder.conv_in.weight"] = other((32, 3, 1, 1))
+        key = r"encoder.conv_in.weight has shape \(32, 3, 1, 1\)"
+    folder = write_folder(tmp_path / "vae", sd, TINY, ".safetensors")
+    with pytest.raises(RunError, match=f"diffusion_pytorch_model.safetensors.*{key}"):
+        load_vae(folder)
+
+
+# ----- safetensors, built byte by byte from the format -----
+
+def build(path, entries, metadata=None, pad=0, data=None):
+    """entries: name -> (dtype string, shape, raw little-endian bytes); tensors laid out in order, no holes."""
+    header, blob = {}, b""
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    for name, (dtype, shape, raw) in entries.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(blob), len(blob) + len(raw)]}
+        blob += raw
+    text = json.dumps(header).encode() + b" " * pad
+    path.write_bytes(struct.pack("<Q", len(text)) + text + (blob if data is None else data))
+    return path
+
+
+def bf16_bytes(values):  # exactly representable values: the top 16 bits of their float32 patterns
+    return (np.array(values, dtype="<f4").view("<u4") >> 16).astype("<u2").tobytes()
+
+
+VALUES = [1.5, -2.0, 0.15625, 0.0, 3.0, -0.5]
+DTYPES = {  # safetensors name -> (torch dtype, little-endian bytes of VALUES as that dtype)
+    "F64": (torch.float64, np.array(VALUES, "<f8").tobytes()),
+    "F32": (torch.float32, np.array(VALUES, "<f4").tobytes()),
+    "F16": (torch.float16, np.array(VALUES, "<f2").tobytes()),
+    "BF16": (torch.bfloat16, bf16_bytes(VALUES)),
+    "I64": (torch.int64, np.array(VALUES, "<f8").astype("<i8").tobytes()),
+    "I32": (torch.int32, np.array(VALUES, "<f8").astype("<i4").tobytes()),
+    "I16": (torch.int16, np.array(VALUES, "<f8").astype("<i2").tobytes()),
+    "I8": (torch.int8, np.array(VALUES, "<f8").astype("i1").tobytes()),
+    "U8": (torch.uint8, np.array([1, 255, 0, 7, 128, 2], "u1").tobytes()),
+    "BOOL": (torch.bool, bytes([1, 0, 0, 1, 1, 0])),
+}
+
+
+def expected_tensor(dtype, raw):
+    if dtype == torch.uint8:
+        return torch.tensor(list(raw), dtype=torch.uint8).reshape(2, 3)
+    if dtype == torch.bool:
+        return torch.tensor([bool(b) for b in raw]).reshape(2, 3)
+    return torch.tensor(VALUES, dtype=torch.float64).to(dtype).reshape(2, 3)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 7])  # pad 1 misaligns every tensor: the reader copies instead of viewing
+def test_safetensors_byte_by_byte(pad, tmp_path):
+    entries = {f"t_{name}": (name, [2, 3], raw) for name, (_, raw) in DTYPES.items()}
+    entries["scalar"] = ("F32", [], struct.pack("<f", 3.25))
+    entries["empty"] = ("F16", [0, 3], b"")
+    entries["last"] = ("I32", [1], struct.pack("<i", -9))
+    out = load_safetensors(build(tmp_path / "a.safetensors", entries, {"format": "pt"}, pad=pad))
+    assert set(out) == set(entries)
+    for name, (dtype, raw) in DTYPES.items():
+        t = out[f"t_{name}"]
+        assert t.dtype == dtype and torch.equal(t, expected_tensor(dtype, raw)), name
+    assert out["scalar"].shape == () and out["scalar"].item() == 3.25
+    assert out["empty"].shape == (0, 3) and out["empty"].dtype == torch.float16
+    assert out["last"].tolist() == [-9]
+
+
+def test_save_safetensors_round_trip_and_layout(tmp_path):
+    tensors = {f"t_{name}": expected_tensor(dtype, raw) for name, (dtype, raw) in DTYPES.items()}
+    tensors.update(scalar=torch.tensor(2.5, dtype=torch.float64), empty=torch.zeros(3, 0),
+                   strided=torch.arange(12.0).reshape(3, 4).t())
+    path = tmp_path / "b.safetensors"
+    save_safetensors(tensors, str(path), metadata={"format": "pt"})
+    assert os.listdir(tmp_path) == ["b.safetensors"]  # no temporary file left
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert n % 8 == 0 and header["__metadata__"] == {"format": "pt"} and header["t_BF16"]["dtype"] == "BF16"
+    begin, end = header["t_F32"]["data_offsets"]
+    assert raw[8 + n + begin:8 + n + end] == DTYPES["F32"][1]  # the bytes are the format's, not torch's pickle
+    back = load_safetensors(path)
+    assert list(back) == list(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
+    # tensors are views of one copy-on-write mapping of the whole file: writing to them leaves the file alone
+    assert back["t_F32"].untyped_storage().nbytes() == len(raw)
+    back["t_F32"][0, 0] = 99.0
+    assert load_safetensors(path)["t_F32"][0, 0] == 1.5 and path.read_bytes() == raw
+
+
+F32_4 = struct.pack("<f", 1.0)
+MALFORMED = {  # name -> (file bytes, what the message says)
+    "empty": (b"", "empty"),
+    "short": (b"\x05\x00\x00", "shorter than the 8-byte"),
+    "header past the end": (struct.pack("<Q", 1000) + b"{}", "past the end"),
+    "header too large": (struct.pack("<Q", 100_000_001) + b"{}", "exceeds the 100,000,000-byte limit"),
+    "invalid JSON": (struct.pack("<Q", 3) + b"{x}", "not valid UTF-8 JSON"),
+    "not UTF-8": (struct.pack("<Q", 2) + b"\xff\xfe", "not valid UTF-8 JSON"),
+    "not an object": (struct.pack("<Q", 2) + b"[]", "not an object"),
+}
+
+
+def header_file(header, data):
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def entry(dtype="F32", shape=(1,), offsets=(0, 4)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+MALFORMED.update({
+    "unknown dtype": (header_file({"a": entry(dtype="F7")}, F32_4), "unknown or unsupported dtype"),
+    "missing field": (header_file({"a": {"dtype": "F32", "shape": [1]}}, F32_4), "needs dtype, shape and data_offsets"),
+    "bad shape": (header_file({"a": entry(shape=(-1,))}, F32_4), "not a list of non-negative integers"),
+    "size mismatch": (header_file({"a": entry(shape=(2,))}, F32_4), "needs 8 bytes, data_offsets span 4"),
+    "outside the data": (header_file({"a": entry(shape=(2,), offsets=(0, 8))}, F32_4), "outside the 4-byte data"),
+    "overlap": (header_file({"a": entry(shape=(2,), offsets=(0, 8)), "b": entry(shape=(2,), offsets=(4, 12))},
+                            F32_4 * 3), "overlapping"),
+    "hole": (header_file({"a": entry(), "b": entry(offsets=(8, 12))}, F32_4 * 3), "hole"),
+    "trailing bytes": (header_file({"a": entry()}, F32_4 * 2), "cover 4 bytes of the 8-byte data"),
+    "metadata not an object": (header_file({"__metadata__": [1], "a": entry()}, F32_4), "__metadata__"),
+})
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_safetensors(case, tmp_path):
+    data, message = MALFORMED[case]
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=message):
+        load_safetensors(path)
