@@ -252,6 +252,11 @@ def load_checkpoint(path, resume=False):
     except Exception as e:  # truncated zip, foreign pickle, random bytes: all "not a checkpoint"
         raise RunError(f"cannot read checkpoint {path} ({first_line(e)[:140]}); it is truncated or not a "
                        "train_cifar.py checkpoint: pass an older ckpt_XXXXXXX.pt or a new --out-dir") from None
+    return validate_checkpoint(ckpt, path, resume)
+
+
+def validate_checkpoint(ckpt, path, resume=False):
+    """ckpt if it holds every key of a train_cifar.py checkpoint (and, with resume, what continuing needs)."""
     need = CHECKPOINT_KEYS + (RESUME_KEYS if resume else ())
     missing = [k for k in need if k not in (ckpt if isinstance(ckpt, dict) else {})]
     if missing:
@@ -331,10 +336,12 @@ def plot_losses(records, path, size=(800, 480)):
 # ----- Sampling -----
 
 def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, class_label=None, sampler="dpm++2m",
-             steps=25, eta=0.0, cfg_scale=1.0, null_label=None, seed=0, device="cpu", progress=True):
+             steps=25, eta=0.0, cfg_scale=1.0, cfg_channels=None, null_label=None, seed=0, device="cpu",
+             progress=True, decode=None):
     """Yield (uint8 (n, C, H, W) CPU images, int64 labels or None) batches of samples. The initial noise and the
     labels come from a CPU generator (the same for a seed on any device); the per-step noise of ddpm / ddim with
-    eta > 0 comes from a generator on the device. Labels: class_label, else uniform."""
+    eta > 0 comes from a generator on the device. Labels: class_label, else uniform. decode maps samples to
+    images in [-1, 1] first (a VAE decoder for latent models)."""
     gen = torch.Generator().manual_seed(seed)
     labels = None
     if num_classes:
@@ -346,6 +353,6 @@ def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, clas
         y = None if labels is None else labels[i:i + n]
         x = diffusion.sample(fwd, (n, *shape), sampler=sampler, steps=steps, eta=eta,
                              model_kwargs=None if y is None else {"y": y.to(device)}, cfg_scale=cfg_scale,
-                             null_label=null_label, noise=noise, device=device, clip_denoised=True,
-                             generator=torch.Generator(device).manual_seed(seed + i))
-        yield to_uint8(x).cpu(), y
+                             cfg_channels=cfg_channels, null_label=null_label, noise=noise, device=device,
+                             clip_denoised=decode is None, generator=torch.Generator(device).manual_seed(seed + i))
+        yield to_uint8(x if decode is None else decode(x)).cpu(), y

@@ -400,7 +400,7 @@ def test_latents_dataset_trains_without_grids(tmp_path, capsys):
     assert ck["model_kwargs"]["num_classes"] == 3 and not (out / "samples").exists()
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(out / "latest.pt")])
-    assert exit_message(e, capsys).startswith("error: not yet")
+    assert "this is a latent model (4 x 8 x 8); pass --vae" in exit_message(e, capsys)
 
 
 # ----- Bad input: one line, non-zero exit, nothing overwritten -----
