@@ -56,7 +56,7 @@ RECIPES = {
     "diffit": dict(model="DiffiT-CIFAR", steps=800_000, batch_size=128, lr=2e-4, weight_decay=0.0,
                    betas=(0.9, 0.999), warmup=5000, grad_clip=1.0, ema_decay=0.9999, learn_sigma=False),
 }
-# What a 2-core CPU trains in about 10 minutes (README, "What a CPU can do").
+# What 2 CPU cores train in about 30 minutes (measured: README, "What a CPU can do").
 CPU_COMMAND = ("python train_cifar.py --backbone dit --model DiT-Tiny --batch-size 32 --lr 3e-4 --steps 800 "
                "--ema-decay 0.995 --sample-every 400")
 
@@ -470,7 +470,7 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 (DiT train.py)
     if device.type == "cpu" and args.model == RECIPES[args.backbone]["model"] and args.steps >= 100_000:
         print(f"note: {args.model} for {args.steps:,} steps at batch {args.batch_size} is the paper's GPU recipe "
-              f"and would run for months on a CPU. A CPU-sized run (about 10 min on 2 cores):\n  {CPU_COMMAND}")
+              f"and would run for months on a CPU. A CPU-sized run (about 30 min on 2 cores):\n  {CPU_COMMAND}")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
