@@ -266,6 +266,9 @@ def validate_checkpoint(ckpt, path, resume=False):
     return ckpt
 
 
+MAY_CHANGE = {"data.vae"}  # which VAE decodes the grids may change on resume; the latents may not
+
+
 def check_compatible(ckpt, config, path):
     """Resuming needs the same backbone, model, constructor kwargs, diffusion and data geometry."""
     diffs = []
@@ -273,7 +276,7 @@ def check_compatible(ckpt, config, path):
         old = plain(ckpt.get(k))
         if isinstance(new, dict) and isinstance(old, dict):  # name the differing entries, e.g. model_kwargs.depth
             diffs += [f"{k}.{j} {old.get(j)!r} != {new.get(j)!r}" for j in sorted({**old, **new})
-                      if old.get(j) != new.get(j)]
+                      if old.get(j) != new.get(j) and f"{k}.{j}" not in MAY_CHANGE]
         elif old != new:
             diffs.append(f"{k} {old!r} != {new!r}")
     if diffs:

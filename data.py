@@ -6,6 +6,7 @@ index on the device with no DataLoader.
   load_cifar10(data_dir, train=True, download=True) -> (uint8 (N, 3, 32, 32), int64 (N,))   (fid.py uses it)
   load_image_folder(root, image_size)               -> (uint8 (N, 3, S, S), int64 (N,), class names)
   load_latents(path)                                -> (float (N, C, H, W), int64 (N,) or None)
+  LatentFolder(folder), LatentBatches(store, device) an extract_latents.py output, memory-mapped, and its batches
   load_dataset(name, data_dir, image_size)          -> one of the above as (x, labels or None, class names)
   BatchIndices(n, batch_size, seed)(step)           -> (batch_size,) int64 indices for that step
   get_batch(data, labels, indices, flip)            -> (float batch in [-1, 1], labels or None)
@@ -13,6 +14,7 @@ index on the device with no DataLoader.
 CIFAR-10 file facts (URL, size, md5, pickle layout): https://www.cs.toronto.edu/~kriz/cifar.html
 """
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -231,6 +233,79 @@ def load_latents(path):
     return z.float(), None if y is None else y.long()
 
 
+class LatentFolder:
+    """An extract_latents.py output folder, memory-mapped (nothing is read until a batch asks for it):
+    latents.npy (N, 2, 2C, h, w) = posterior (mean, logvar) of each image and of its horizontal flip, unscaled;
+    labels.npy (N,) int64; meta.json (class names, image and latent size, VAE path, scaling factor, counts)."""
+
+    def __init__(self, folder):
+        meta_path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise DataError(f"{folder} has no meta.json: not an extract_latents.py output; run extract_latents.py "
+                            "--out there (or pass a .npz / .pt latents file)")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {meta_path} ({e}); extract the latents again") from None
+        if meta.get("format") != "latents-v1" or not meta.get("complete"):
+            raise DataError(f"{folder} is an incomplete or unknown latents folder (meta.json: format "
+                            f"{meta.get('format')!r}, complete {meta.get('complete')!r}); rerun extract_latents.py "
+                            "with the same flags to finish it")
+        try:
+            self.moments = np.load(os.path.join(folder, "latents.npy"), mmap_mode="r")
+            labels = np.load(os.path.join(folder, "labels.npy"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read the arrays in {folder} ({e}); extract the latents again") from None
+        n, c = meta["count"], meta["latent_channels"]
+        want = (n, 2, 2 * c, meta["latent_size"], meta["latent_size"])
+        if self.moments.shape != want or labels.shape != (n,):
+            raise DataError(f"{folder}: latents {self.moments.shape} / labels {labels.shape} do not match meta.json "
+                            f"({want}); extract the latents again")
+        self.meta, self.labels, self.class_names = meta, torch.from_numpy(labels.astype(np.int64)), meta["class_names"]
+        self.channels, self.size, self.scaling_factor = c, meta["latent_size"], float(meta["scaling_factor"])
+
+    def __len__(self):
+        return len(self.moments)
+
+    @property
+    def shape(self):  # what a model sees: (N, C, h, w) latents
+        return (len(self), self.channels, self.size, self.size)
+
+
+class LatentBatches:
+    """Batches of z = scaling_factor * (mean + exp(logvar / 2) eps) from stored moments, with one of the two stored
+    flips per sample (the flip augmentation of DiT and U-ViT) and fresh noise every step, as DiT's on-the-fly
+    `latent_dist.sample()`. The moments live on the device when they take under half its free memory; otherwise each
+    batch is gathered from the memory map into pinned host memory and copied asynchronously."""
+
+    def __init__(self, store, device):
+        self.store, self.device, self.scale = store, torch.device(device), store.scaling_factor
+        nbytes = store.moments.nbytes
+        fits = self.device.type != "cuda" or nbytes < 0.5 * torch.cuda.mem_get_info(self.device)[0]
+        self.on_device = self.device.type == "cuda" and fits
+        self.moments = torch.from_numpy(np.ascontiguousarray(store.moments)).to(self.device) if self.on_device \
+            else None
+        self.labels = store.labels.to(self.device)
+
+    def __call__(self, indices, with_labels):
+        if self.on_device:
+            m = self.moments[indices.to(self.device)]
+        else:  # gather in index order from the map (sorted reads), then restore the batch order
+            order = torch.argsort(indices)
+            rows = torch.from_numpy(self.store.moments[np.sort(indices.numpy())])
+            m = torch.empty_like(rows)
+            m[order] = rows
+            if self.device.type == "cuda":
+                m = m.pin_memory().to(self.device, non_blocking=True)
+        m = m.to(self.device).float()                                     # (B, 2, 2C, h, w)
+        flip = (torch.rand(len(m), device=self.device) < 0.5).long()    # which stored flip, per sample
+        m = m[torch.arange(len(m), device=self.device), flip]           # (B, 2C, h, w)
+        mean, logvar = m.chunk(2, dim=1)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        return z * self.scale, (self.labels[indices.to(self.device)] if with_labels else None)
+
+
 # ----- Dispatch -----
 
 def load_dataset(name, data_dir, image_size=32, cifar_url=None):
@@ -242,6 +317,9 @@ def load_dataset(name, data_dir, image_size=32, cifar_url=None):
         return (*load_cifar10(data_dir, train=True, url=cifar_url), CIFAR_CLASSES)
     if name == "folder":
         return load_image_folder(data_dir, image_size)
+    if name == "latents" and os.path.isdir(data_dir):
+        store = LatentFolder(data_dir)
+        return store, store.labels, store.class_names
     if name == "latents":
         z, y = load_latents(data_dir)
         return z, y, [] if y is None else [str(i) for i in range(int(y.max()) + 1)]

@@ -512,13 +512,29 @@ def source_stats(kind, value, args, get_model, inception_score=False):
 # ----- FID for the scripts (sample.py --fid-ref, train_cifar.py --fid-every) -----
 
 def fid_setup(ref, data_dir, device, weights=None, cache_dir=None):
-    """(Inception network, reference (mu, sigma)) for a named set (its statistics are computed once and cached)
-    or a stats .npz. Call it before long work, so a missing weights file or dataset fails at once."""
+    """(Inception network, reference (mu, sigma)) for a named set, a stats .npz or an images .npz (the statistics
+    of those two computed once and cached). Call it before long work, so a missing file fails at once."""
     if not ref.endswith(".npz") and ref not in NAMED_REFS:
-        raise RunError(f"--fid-ref {ref!r}: choose {' or '.join(sorted(NAMED_REFS))}, or a stats .npz (mu, sigma) "
-                       "made with fid.py")
-    ref_stats = load_stats(ref) if ref.endswith(".npz") else None  # a bad file fails before the network
+        raise RunError(f"--fid-ref {ref!r}: choose {' or '.join(sorted(NAMED_REFS))}, a stats .npz (mu, sigma) "
+                       "made with fid.py, or an images .npz (arr_0) such as ADM's VIRTUAL_imagenet256_labeled.npz")
+    ref_stats = images = None
+    if ref.endswith(".npz"):  # a bad file fails before the network is built
+        z = read_npz(ref)
+        if "mu" in z and "sigma" in z:
+            ref_stats = load_stats(ref)
+        elif "arr_0" in z:
+            images = check_images(z["arr_0"], ref)
+        else:
+            raise RunError(f"{ref} holds {sorted(z)}; expected mu and sigma, or arr_0 (uint8 N,H,W,3 images)")
     inception = build_inception(weights, device=device, cache_dir=cache_dir)
+    if images is not None:  # statistics of the reference images, computed once and cached beside the weights
+        st = os.stat(ref)
+        key = hashlib.sha1(f"{os.path.abspath(ref)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        stem = os.path.splitext(os.path.basename(ref))[0]
+        cache = os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), f"fid_stats_{stem}_{key}.npz")
+        if not os.path.isfile(cache):
+            save_stats(cache, *compute_statistics(images, device=device, progress=True, model=inception))
+        ref_stats = load_stats(cache)
     if ref_stats is None:
         ref_stats = reference_stats(ref, data_dir, cache_dir, model=inception, device=device)[:2]
     return inception, ref_stats

@@ -24,6 +24,7 @@ import fid
 from common import (RunError, atomic_write, autocast_forward, build_model, check_precision, check_writable,
                     first_line, generate, load_model, resolve_device, save_grid, validate_checkpoint)
 from diffusion import SAMPLERS, GaussianDiffusion, power_cosine_guidance
+from vae import latent_decoder, load_safetensors
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++2m": 25}  # DiT's 250-step DDPM; DPM-Solver README's 20-25
 
@@ -77,8 +78,7 @@ def read_weights(path):
         raise RunError(f"checkpoint {path} does not exist; check the path")
     try:
         if path.endswith(".safetensors"):
-            import vae
-            return vae.load_safetensors(path)
+            return load_safetensors(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, malformed header: all "not a checkpoint"
         raise RunError(f"cannot read checkpoint {path} ({first_line(e)[:140]}); it is truncated or not a "
@@ -196,28 +196,6 @@ def shifted(fwd, offset):
     return fwd if offset == 0 else (lambda x, t, **kw: fwd(x, t + offset, **kw))
 
 
-def latent_decoder(args, channels, latent_size, device, scaled):
-    """images = decode(latents): the SD-VAE of --vae; `scaled` latents are divided by its scaling factor first."""
-    if not args.vae:
-        raise RunError(f"this is a latent model ({channels} x {latent_size} x {latent_size}); pass --vae with the "
-                       "SD-VAE that decodes it (a diffusers folder such as sd-vae-ft-ema, or one weights file)")
-    import vae as vae_lib
-    autoencoder = vae_lib.load_vae(args.vae, device=device)
-    if autoencoder.latent_channels != channels:
-        raise RunError(f"--vae {args.vae} has {autoencoder.latent_channels} latent channels but the model makes "
-                       f"{channels}; pass the VAE the model was trained with")
-    image_size = latent_size * autoencoder.downsample_factor
-    if args.image_size is not None and args.image_size != image_size:
-        raise RunError(f"--image-size {args.image_size}: this model makes {latent_size}x{latent_size} latents, i.e. "
-                       f"{image_size}x{image_size} images through a VAE that downsamples {autoencoder.downsample_factor}x")
-    scale = autoencoder.scaling_factor if scaled else 1.0
-
-    @torch.no_grad()
-    def decode(z):
-        return autoencoder.decode(z.float() / scale).float()  # (B, 3, H, W) in about [-1, 1]
-    return decode, image_size
-
-
 # ----- Sampling -----
 
 def grid_path(args):
@@ -261,7 +239,8 @@ def prepare(args, device):
                        "--class-dropout)")
     decode = None
     if not meta["pixels"]:
-        decode, _ = latent_decoder(args, meta["channels"], meta["image_size"], device, scaled=True)
+        decode, _ = latent_decoder(args.vae or meta.get("vae"), meta["channels"], meta["image_size"], device,
+                                   args.image_size)
     fwd = shifted(autocast_forward(model, device, args.precision), spec["time_offset"] if spec else 0)
     print(f"{head}, {args.sampler} {args.steps} steps, cfg {args.cfg_label}, {args.num_samples} samples on {device}")
     return model, diffusion, fwd, meta, decode

@@ -32,8 +32,9 @@ from common import (BACKBONES, RunError, atomic_link, atomic_write, autocast_for
                     check_dir, check_precision, default_precision, generate, load_checkpoint, make_dir, plain,
                     plot_losses, remove_stale_temps, resolve_device, rng_state, save_checkpoint, save_grid,
                     set_rng_state, to_uint8)
-from data import BatchIndices, get_batch, load_dataset
+from data import BatchIndices, LatentBatches, LatentFolder, get_batch, load_dataset
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, GaussianDiffusion
+from vae import latent_decoder
 
 # ----- Each paper's CIFAR-10 recipe -----
 
@@ -56,6 +57,26 @@ RECIPES = {
     "diffit": dict(model="DiffiT-CIFAR", steps=800_000, batch_size=128, lr=2e-4, weight_decay=0.0,
                    betas=(0.9, 0.999), warmup=5000, grad_clip=1.0, ema_decay=0.9999, learn_sigma=False),
 }
+# On latents from extract_latents.py (256x256 images -> 4x32x32), each paper's ImageNet-256 recipe.
+LATENT_RECIPES = {
+    # DiT §4 / train.py: DiT-XL/2, AdamW lr 1e-4, no weight decay, global batch 256, EMA 0.9999, learned sigma,
+    # linear schedule; evaluated with 250-step DDPM. 400k steps = the paper's scaling-study length (XL/2: 7M).
+    "dit": dict(model="DiT-XL/2", steps=400_000, batch_size=256, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999),
+                warmup=0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True, schedule="linear", sampler="ddpm",
+                sample_steps=250),
+    # U-ViT Table / configs/imagenet256_uvit_huge.py: U-ViT-H/2, AdamW lr 2e-4, wd 0.03, betas (0.99, 0.99), batch
+    # 1024, 5k warm-up, 500k steps, EMA 0.9999, label dropout 0.1, the discrete scaled-linear schedule
+    # (train_ldm_discrete.py); DPM-Solver 50 steps.
+    "uvit": dict(model="U-ViT-H/2", steps=500_000, batch_size=1024, lr=2e-4, weight_decay=0.03, betas=(0.99, 0.99),
+                 warmup=5000, grad_clip=0.0, ema_decay=0.9999, learn_sigma=False, schedule="scaled_linear",
+                 sampler="dpm++2m", sample_steps=50),
+    # DiffiT App. I.2: DiffiT-XL/2, lr 3e-4, batch 256, EMA 0.9999, ADM's diffusion (linear, learned sigma); the
+    # optimizer and length are not stated: AdamW without weight decay (DiT's) and DiT's 400k steps are ours.
+    "diffit": dict(model="DiffiT-XL/2", steps=400_000, batch_size=256, lr=3e-4, weight_decay=0.0,
+                   betas=(0.9, 0.999), warmup=0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True,
+                   schedule="linear", sampler="ddpm", sample_steps=250),
+}
+PIXEL_SAMPLING = dict(schedule="linear", sampler="dpm++2m", sample_steps=25)  # the pixel recipes' schedule, grids
 # What 2 CPU cores train in about 30 minutes (measured: README, "What a CPU can do").
 CPU_COMMAND = ("python train_cifar.py --backbone dit --model DiT-Tiny --batch-size 32 --lr 3e-4 --steps 800 "
                "--ema-decay 0.995 --sample-every 400")
@@ -82,14 +103,18 @@ def parse_args(argv=None):
     a("--model-arg", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
       help="constructor override, repeatable (e.g. --model-arg depth=6)")
     a("--dataset", default="cifar10", choices=["cifar10", "folder", "latents"])
-    a("--data-dir", default="data", help="cifar10: download folder; folder: image root; latents: .npz/.pt file")
+    a("--data-dir", default="data",
+      help="cifar10: download folder; folder: image root; latents: an extract_latents.py folder or a .npz/.pt file")
     a("--cifar-url", default=None, help="override the CIFAR-10 tarball URL (a mirror or file://)")
     a("--image-size", type=int, default=32)
     a("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
-    a("--class-cond", action="store_true", help="class-conditional (default: unconditional, the papers' CIFAR-10)")
+    a("--class-cond", action=argparse.BooleanOptionalAction, default=None,
+      help="class-conditional (default: on for labelled latents, off otherwise as the papers' CIFAR-10)")
+    a("--vae", default=None, help="latents: the SD-VAE that decodes grids and FID samples (default: the one in "
+                                  "the latents' meta.json)")
     a("--class-dropout", type=float, default=0.1, help="label dropout probability for classifier-free guidance")
     a("--learn-sigma", action=argparse.BooleanOptionalAction, default=None, help="learned variance, hybrid loss")
-    a("--schedule", default="linear", choices=SCHEDULES)
+    a("--schedule", default=None, choices=SCHEDULES, help="default: the recipe's (linear; U-ViT latents: scaled_linear)")
     a("--prediction", default="eps", choices=PREDICTIONS)
     for flag, typ in [("--steps", int), ("--batch-size", int), ("--lr", float), ("--weight-decay", float),
                       ("--warmup", int), ("--grad-clip", float), ("--ema-decay", float)]:
@@ -106,8 +131,8 @@ def parse_args(argv=None):
     a("--resume", default="auto", help="auto (latest.pt in --out-dir if any), never, or a checkpoint path")
     a("--log-every", type=int, default=100)
     a("--sample-every", type=int, default=5000, help="0 = no sample grids")
-    a("--sampler", default="dpm++2m", choices=SAMPLERS, help="sampler for the grids")
-    a("--sample-steps", type=int, default=25)
+    a("--sampler", default=None, choices=SAMPLERS, help="sampler for grids and FID (default: the recipe's)")
+    a("--sample-steps", type=int, default=None, help="default: the recipe's (25 for pixels)")
     a("--ckpt-every", type=int, default=5000)
     a("--keep-every", type=int, default=None,
       help="also keep ckpt_XXXXXXX.pt every this many steps (0 = never; default 10 x --ckpt-every)")
@@ -115,7 +140,9 @@ def parse_args(argv=None):
     a("--fid-samples", type=int, default=10_000, help="samples per FID (U-ViT selects checkpoints by FID-10k)")
     a("--fid-ref", default="cifar10-train", help="cifar10-train, cifar10-test or a stats .npz (mu, sigma)")
     args = p.parse_args(argv)
-    for k, v in RECIPES[args.backbone].items():  # flags left unset take the backbone's recipe
+    recipe = LATENT_RECIPES[args.backbone] if args.dataset == "latents" else {**RECIPES[args.backbone],
+                                                                              **PIXEL_SAMPLING}
+    for k, v in recipe.items():  # flags left unset take the backbone's recipe
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.keep_every is None:
@@ -158,11 +185,15 @@ def load_data(args):
     """-> (uint8 images or float latents (N, C, H, W), int64 labels (N,) or None, class names)."""
     x, y, names = load_dataset(args.dataset, args.data_dir, args.image_size, args.cifar_url)
     if args.dataset == "latents":
-        args.image_size, args.flip = x.shape[-1], False  # flipping a latent is not flipping the image
+        args.image_size, args.flip = x.shape[-1], False  # flipping a latent is not flipping the image (folders
+        # hold both flips' latents, picked at random per sample)
+    if args.class_cond is None:
+        args.class_cond = isinstance(x, LatentFolder) and bool(names)  # ImageNet latents: class-conditional
     if args.class_cond and not names:
         raise RunError(f"--class-cond needs labels: one sub-folder per class in {args.data_dir} "
                        "(or labels in the latents file)")
-    print(f"data: {args.dataset} {tuple(x.shape)} {x.dtype}, {len(names) if args.class_cond else 'no'} classes")
+    kind = "memory-mapped moments" if isinstance(x, LatentFolder) else x.dtype
+    print(f"data: {args.dataset} {tuple(x.shape)} {kind}, {len(names) if args.class_cond else 'no'} classes")
     return x, (y if args.class_cond else None), names
 
 
@@ -225,6 +256,7 @@ class Run:
     step: int = 0
     elapsed: float = 0.0          # seconds of training before this process
     last_good: Optional[tuple] = None  # (path, step) of the newest checkpoint written or resumed from
+    decode: Optional[object] = None  # latents -> images in [-1, 1] (the VAE decoder), None for pixel runs
 
     def __post_init__(self):
         self.model.to(self.device)
@@ -364,15 +396,15 @@ def sample_grid(fwd, run, path):
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     x = run.diffusion.sample(fwd, shape, sampler=args.sampler, steps=args.sample_steps,
                              model_kwargs={"y": y} if n_cls else None, noise=noise, device=device,
-                             generator=torch.Generator(device).manual_seed(args.seed), clip_denoised=True)
-    save_grid(to_uint8(x), path, nrow=8)
+                             generator=torch.Generator(device).manual_seed(args.seed), clip_denoised=run.decode is None)
+    save_grid(to_uint8(x if run.decode is None else run.decode(x)), path, nrow=8)
 
 
-def fid_evaluator(args, meta, diffusion, device):
-    """fwd -> (FID, IS) of --fid-samples samples vs --fid-ref. The Inception weights and reference statistics
-    are loaded now, before training, so a missing file fails at once rather than hours in."""
-    if not meta["pixels"]:
-        raise RunError("--fid-every needs pixel data (a latent run has no VAE decoder yet)")
+def fid_evaluator(args, meta, diffusion, device, decode):
+    """fwd -> (FID, IS) of --fid-samples samples (decoded by the VAE for latent runs) vs --fid-ref. The Inception
+    weights and reference statistics are loaded now, before training, so a missing file fails at once."""
+    if not meta["pixels"] and decode is None:
+        raise RunError("--fid-every on latents needs the VAE that decodes them: pass --vae")
     if args.fid_ref.startswith("cifar10") and (args.dataset != "cifar10" or args.image_size != 32):
         raise RunError(f"--fid-ref {args.fid_ref} only fits CIFAR-10 at 32x32; pass a stats .npz made with fid.py")
     try:
@@ -382,9 +414,9 @@ def fid_evaluator(args, meta, diffusion, device):
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
 
     def evaluate(fwd):  # unguided samples, uniform labels when class-conditional
-        batches = generate(fwd, diffusion, shape, args.fid_samples, 2 * args.batch_size,
+        batches = generate(fwd, diffusion, shape, args.fid_samples, min(2 * args.batch_size, 256),
                            num_classes=meta["num_classes"], sampler=args.sampler, steps=args.sample_steps,
-                           seed=args.seed, device=device, progress=False)
+                           seed=args.seed, device=device, progress=False, decode=decode)
         return fid.fid_score((x for x, _ in batches), inception, ref, device, args.fid_samples)
     return evaluate
 
@@ -392,7 +424,8 @@ def fid_evaluator(args, meta, diffusion, device):
 def evaluate(run, stop, evaluate_fid, log_path, records):
     """The step's sample grid and FID of the EMA model; a stop request abandons them (Interrupted)."""
     args, step, done = run.args, run.step, run.step == run.args.steps
-    grid_due = args.sample_every and run.meta["pixels"] and (step % args.sample_every == 0 or done)
+    can_draw = run.meta["pixels"] or run.decode is not None  # latents need a VAE to become a picture
+    grid_due = args.sample_every and can_draw and (step % args.sample_every == 0 or done)
     fid_due = evaluate_fid and (step % args.fid_every == 0 or done)
     if not (grid_due or fid_due):
         return
@@ -415,7 +448,12 @@ def train(run, data, labels, evaluate_fid=None):
     args, model, device = run.args, run.model, run.device
     log_path = os.path.join(run.out_dir, "log.jsonl")
     records = read_log(log_path, run.step)
-    data, labels = data.to(device), None if labels is None else labels.to(device)
+    if isinstance(data, LatentFolder):  # moments memory-mapped: on the device if they fit, else streamed
+        source = LatentBatches(data, device)
+        next_batch = lambda idx: source(idx, labels is not None)  # noqa: E731
+    else:  # images (or a latents tensor): the whole set on the device, gathered by index
+        data, labels = data.to(device), None if labels is None else labels.to(device)
+        next_batch = lambda idx: get_batch(data, labels, idx, args.flip)  # noqa: E731
     batches = BatchIndices(len(data), args.batch_size, args.seed)
     fwd = autocast_forward(torch.compile(model) if args.compile else model, device, args.precision)
     params = list(model.parameters())
@@ -428,7 +466,7 @@ def train(run, data, labels, evaluate_fid=None):
             lr = args.lr * min(1.0, (run.step + 1) / args.warmup) if args.warmup else args.lr  # linear warm-up
             for g in run.opt.param_groups:
                 g["lr"] = lr
-            x, y = get_batch(data, labels, batches(run.step), args.flip)
+            x, y = next_batch(batches(run.step))
             terms, gnorm = train_step(fwd, run.diffusion, run.opt, run.scaler, params, x, y, args.grad_clip)
             update_ema(run.ema, model, args.ema_decay)
             run.step += 1
@@ -479,11 +517,17 @@ def setup(args):
     meta = {"dataset": args.dataset, "image_size": args.image_size, "channels": data.shape[1],
             "num_classes": num_classes, "class_names": names if args.class_cond else [],
             "pixels": args.dataset != "latents"}
+    if isinstance(data, LatentFolder):  # what decodes the samples (sample.py reads it too)
+        meta.update(vae=args.vae or data.meta.get("vae"), pixel_size=data.meta["image_size"])
     kwargs = {"input_size": args.image_size, "in_channels": data.shape[1], "num_classes": num_classes,
               "class_dropout_prob": args.class_dropout if args.class_cond else 0.0, "learn_sigma": args.learn_sigma,
               **args.model_arg}
     model = build_model(args.backbone, args.model, attention=args.attention, grad_checkpoint=args.grad_checkpoint,
                         **kwargs)
+    if (model.in_channels, model.input_size) != (data.shape[1], data.shape[-1]):  # e.g. a --model-arg override
+        raise RunError(f"the data are {data.shape[1]} x {data.shape[-1]} x {data.shape[-1]} but {args.model} was built "
+                       f"for {model.in_channels} x {model.input_size} x {model.input_size}; drop the in_channels / "
+                       "input_size override (they follow the data)")
     config = {"backbone": args.backbone, "model_name": args.model, "model_kwargs": plain(kwargs), "data": meta,
               "diffusion": {"schedule": args.schedule, "timesteps": 1000, "prediction": args.prediction,
                             "learn_sigma": args.learn_sigma}}
@@ -492,8 +536,13 @@ def setup(args):
     ckpt = load_checkpoint(ckpt_path, resume=True) if ckpt_path else None
     if ckpt is not None:
         check_compatible(ckpt, config, ckpt_path)
-    evaluate_fid = fid_evaluator(args, meta, diffusion, device) if args.fid_every else None
-    run = Run(args, model, diffusion, meta, config, out_dir, device)
+    decode = None
+    if not meta["pixels"] and meta.get("vae"):
+        decode, _ = latent_decoder(meta["vae"], meta["channels"], meta["image_size"], device)
+    elif not meta["pixels"] and args.sample_every:
+        print("note: no VAE is known for these latents (--vae), so no sample grids are drawn")
+    evaluate_fid = fid_evaluator(args, meta, diffusion, device, decode) if args.fid_every else None
+    run = Run(args, model, diffusion, meta, config, out_dir, device, decode=decode)
     if ckpt is not None:
         run.restore(ckpt, ckpt_path)
     return run, data, labels, evaluate_fid

@@ -445,6 +445,27 @@ def load_vae(path, device="cpu", attention="sdpa"):
     return model.eval().requires_grad_(False).to(device)
 
 
+def latent_decoder(vae_path, channels, latent_size, device, image_size=None):
+    """(decode, image size): images in [-1, 1] = decode(scaled latents), through the SD-VAE at vae_path (latents
+    are divided by its scaling factor first, as DiT's sample.py does); image_size, if given, is checked."""
+    if not vae_path:
+        raise RunError(f"this is a latent model ({channels} x {latent_size} x {latent_size}); pass --vae with the "
+                       "SD-VAE that decodes it (a diffusers folder such as sd-vae-ft-ema, or one weights file)")
+    autoencoder = load_vae(vae_path, device=device)
+    if autoencoder.latent_channels != channels:
+        raise RunError(f"--vae {vae_path} has {autoencoder.latent_channels} latent channels but the model makes "
+                       f"{channels}; pass the VAE the model was trained with")
+    size = latent_size * autoencoder.downsample_factor
+    if image_size is not None and image_size != size:
+        raise RunError(f"--image-size {image_size}: this model makes {latent_size}x{latent_size} latents, i.e. "
+                       f"{size}x{size} images through a VAE that downsamples {autoencoder.downsample_factor}x")
+
+    @torch.no_grad()
+    def decode(z):
+        return autoencoder.decode(z.float() / autoencoder.scaling_factor).float()  # (B, 3, H, W), about [-1, 1]
+    return decode, size
+
+
 # ----- safetensors, read and written with torch alone -----
 
 # the safetensors dtype names that torch has (safetensors/src/tensor.rs Dtype)
