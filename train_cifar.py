@@ -498,7 +498,7 @@ def train(run, data, labels, evaluate_fid=None):
 
 
 def setup(args):
-    """Everything checked and built before anything is written: -> (Run, data, labels, checkpoint, FID fn)."""
+    """Everything checked and built before anything is written: -> (Run, data, labels, FID function or None)."""
     out_dir = args.out_dir or default_out_dir(args)
     check_dir(out_dir, "--out-dir")  # before any download or model build
     device = resolve_device(args.device)

@@ -1,0 +1,277 @@
+"""
+extract_latents.py: ADM preprocessing, the latents-v1 format (shapes, labels, meta, the flip slot, moments equal to
+vae.encode), exact resume after a SIGKILL and after a broken image, and one-line refusals of bad input. A tiny
+random-init AutoencoderKL (2x downsampling) on 8x8 images keeps it fast on the CPU.
+"""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import extract_latents
+import vae as vae_lib
+from data import _images_under, center_crop_resize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+META_KEYS = {"format", "complete", "count", "image_size", "latent_channels", "latent_size", "dtype", "stores",
+             "flips", "class_names", "vae", "scaling_factor", "files_sha1", "done"}
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+                norm_num_groups=32)
+FP16_REL = 2.0 ** -10  # the float16 bound 2^-11, with room for float32 differences between batchings
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A diffusers folder (config.json + diffusion_pytorch_model.safetensors) of a tiny random-init VAE."""
+    torch.manual_seed(0)
+    model = vae_lib.AutoencoderKL(**TINY_VAE)
+    folder = tmp_path_factory.mktemp("vae")
+    with open(folder / "config.json", "w") as f:
+        json.dump(model.config, f)
+    vae_lib.save_safetensors(model.state_dict(), str(folder / "diffusion_pytorch_model.safetensors"))
+    return str(folder)
+
+
+def random_image(path, size, seed):
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def class_folder(root, n_per_class=(3, 4)):
+    """root/a_cls (label 0, one image in a nested folder) and root/b_cls (label 1), images of several sizes and
+    two formats, plus files that must be ignored."""
+    sizes = [(10, 12), (16, 9), (8, 8), (9, 13)]
+    for c, (name, n) in enumerate(zip(("b_cls", "a_cls"), n_per_class[::-1])):
+        for i in range(n):
+            sub = os.path.join(root, name, "nested" if (name == "a_cls" and i == 0) else "")
+            random_image(os.path.join(sub, f"img{i}.{'jpg' if i == 1 else 'png'}"), sizes[i % 4], seed=10 * c + i)
+    with open(os.path.join(root, "a_cls", "notes.txt"), "w") as f:
+        f.write("not an image")
+    os.makedirs(os.path.join(root, "empty_cls"))  # holds no image: not a class
+    return root
+
+
+def args(data, vae, out, *extra, size=8, batch=2):
+    return ["--data-dir", str(data), "--image-size", str(size), "--vae", vae, "--out", str(out),
+            "--batch-size", str(batch), "--device", "cpu", "--workers", "0", *extra]
+
+
+def fails(argv):
+    with pytest.raises(SystemExit) as e:
+        extract_latents.main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error:") and "\n" not in msg, msg
+    return msg
+
+
+def read(out):
+    with open(os.path.join(out, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(out, "latents.npy"), "rb") as f:
+        raw = f.read()
+    return meta, raw
+
+
+def reference_moments(vae_path, files, size):
+    """vae.encode of the preprocessed images and of their flips, float32 (N, 2, 2C, h, w)."""
+    model = vae_lib.load_vae(vae_path, "cpu")
+    x = torch.stack([center_crop_resize(Image.open(f), size) for f in files]).float() / 127.5 - 1
+    with torch.no_grad():
+        out = [torch.cat(model.encode(v), 1) for v in (x, x.flip(3))]
+    return torch.stack(out, 1).numpy()
+
+
+# ----- Preprocessing -----
+
+def test_center_crop_resize_box_halving_and_crop_by_hand():
+    """8x4 RGB with R = 30x + 10y, G = 200 - 20x, B = 7 -> size 2: the short side 4 >= 2*2, so one BOX halving to
+    4x2 (each pixel the mean of a 2x2 block: R = 60bx + 20by + 20, G = 190 - 40bx), no resize (scale 1), then the
+    centre crop keeps columns 1..2."""
+    x, y = np.arange(8)[None, :], np.arange(4)[:, None]
+    a = np.zeros((4, 8, 3), np.uint8)
+    a[..., 0], a[..., 1], a[..., 2] = 30 * x + 10 * y, 200 - 20 * x + 0 * y, 7
+    out = center_crop_resize(Image.fromarray(a), 2)
+    expected = np.array([[[80, 140], [100, 160]], [[150, 110], [150, 110]], [[7, 7], [7, 7]]], np.uint8)
+    assert out.dtype == torch.uint8 and out.shape == (3, 2, 2)
+    np.testing.assert_array_equal(out.numpy(), expected)
+    # a grey 3x5 image (no halving: 3 < 4) is made RGB and stays constant through BICUBIC and the crop
+    out = center_crop_resize(Image.new("L", (3, 5), 77), 2)
+    assert out.shape == (3, 2, 2) and (out == 77).all()
+
+
+# ----- The format -----
+
+def test_class_folders_shapes_labels_meta_and_moments(tmp_path, tiny_vae, capsys):
+    data, out = class_folder(tmp_path / "data"), tmp_path / "out"
+    random_image(str(data / "stray.png"), (8, 8), 99)  # a root-level image beside class folders: ignored
+    meta = extract_latents.main(args(data, tiny_vae, out))
+    printed = capsys.readouterr().out
+    assert f"{out}" in printed and "512 bytes per image" in printed  # 2 flips x 8 x 4 x 4 x 2 bytes
+
+    with open(out / "meta.json") as f:
+        assert json.load(f) == meta
+    assert set(meta) == META_KEYS
+    assert meta["format"] == "latents-v1" and meta["complete"] is True and meta["count"] == meta["done"] == 7
+    assert (meta["image_size"], meta["latent_channels"], meta["latent_size"]) == (8, 4, 4)
+    assert (meta["dtype"], meta["stores"], meta["flips"]) == ("float16", "moments", 2)
+    assert meta["class_names"] == ["a_cls", "b_cls"] and meta["vae"] == os.path.abspath(tiny_vae)
+    assert meta["scaling_factor"] == 0.18215
+    files = _images_under(str(data / "a_cls")) + _images_under(str(data / "b_cls"))
+    assert len(files) == 7
+    rel = [os.path.relpath(f, data).replace(os.sep, "/") for f in files]
+    assert rel[0] == "a_cls/img1.jpg" and "a_cls/nested/img0.png" in rel
+    assert meta["files_sha1"] == hashlib.sha1("\n".join(rel).encode()).hexdigest()
+
+    labels = np.load(out / "labels.npy")
+    assert labels.dtype == np.int64 and labels.tolist() == [0] * 3 + [1] * 4
+    lat = np.load(out / "latents.npy", mmap_mode="r")
+    assert isinstance(lat, np.memmap) and lat.shape == (7, 2, 8, 4, 4) and lat.dtype == np.float16
+
+    ref = reference_moments(tiny_vae, files, 8)
+    got = lat.astype(np.float32)
+    np.testing.assert_allclose(got, ref, rtol=FP16_REL, atol=1e-6)
+    assert not np.allclose(got[:, 0], got[:, 1], atol=1e-3)  # the flip slot is its own encoding, not a copy
+    assert ref[:, :, 4:].max() <= 20 and ref[:, :, 4:].min() >= -30
+
+    # float32 storage: the same moments at float32 accuracy
+    meta32 = extract_latents.main(args(data, tiny_vae, tmp_path / "out32", "--dtype", "float32", batch=3))
+    lat32 = np.load(tmp_path / "out32" / "latents.npy", mmap_mode="r")
+    assert meta32["dtype"] == "float32" and lat32.dtype == np.float32
+    np.testing.assert_allclose(lat32, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lat32, got, rtol=FP16_REL, atol=1e-6)
+
+
+def test_flat_folder_is_unconditional(tmp_path, tiny_vae):
+    data = tmp_path / "flat"
+    for i in range(3):
+        random_image(str(data / f"{i}.png"), (12, 8), i)
+    meta = extract_latents.main(args(data, tiny_vae, tmp_path / "out", "--workers", "2"))  # decoded in workers
+    assert meta["class_names"] == [] and meta["count"] == 3 and meta["complete"]
+    assert np.load(tmp_path / "out" / "labels.npy").tolist() == [0, 0, 0]
+    ref = reference_moments(tiny_vae, [str(data / f"{i}.png") for i in range(3)], 8)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "latents.npy").astype(np.float32), ref, rtol=FP16_REL,
+                               atol=1e-6)
+
+
+# ----- Resume -----
+
+KILL_ON_THIRD_BATCH = """
+import os, signal, sys, torch
+torch.set_num_threads(1)
+import extract_latents
+encode, calls = extract_latents.encode_batch, []
+def killed_on_third(*a):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return encode(*a)
+extract_latents.encode_batch = killed_on_third
+extract_latents.main(sys.argv[1:])
+"""
+
+
+def test_resume_after_sigkill_is_byte_identical(tmp_path, tiny_vae, capsys):
+    data = class_folder(tmp_path / "data")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    extract_latents.main(args(data, tiny_vae, whole))
+    r = subprocess.run([sys.executable, "-c", KILL_ON_THIRD_BATCH, *args(data, tiny_vae, cut, "--flush-every", "2")],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    meta, _ = read(cut)
+    assert meta["complete"] is False and meta["done"] == 4  # two flushed chunks of 2 images
+    lat = np.load(cut / "latents.npy", mmap_mode="r")
+    assert lat.shape == (7, 2, 8, 4, 4)
+
+    # a mismatched rerun is refused and leaves the incomplete output as it was
+    msg = fails(args(data, tiny_vae, cut, size=4))
+    assert "image_size 8 != 4" in msg and "new --out" in msg
+    assert read(cut)[0] == meta
+
+    capsys.readouterr()
+    extract_latents.main(args(data, tiny_vae, cut))
+    assert "resuming" in capsys.readouterr().out
+    assert read(cut) == read(whole)
+
+    # a complete output: nothing to do, nothing rewritten
+    stamp = os.stat(cut / "latents.npy").st_mtime_ns, os.stat(cut / "meta.json").st_mtime_ns
+    extract_latents.main(args(data, tiny_vae, cut))
+    assert "already complete" in capsys.readouterr().out
+    assert (os.stat(cut / "latents.npy").st_mtime_ns, os.stat(cut / "meta.json").st_mtime_ns) == stamp
+    msg = fails(args(data, tiny_vae, cut, "--dtype", "float32"))
+    assert "dtype 'float16' != 'float32'" in msg
+
+
+def test_broken_image_stops_the_run_and_stays_resumable(tmp_path, tiny_vae):
+    data = class_folder(tmp_path / "data")
+    broken = data / "a_cls" / "nested" / "img0.png"  # the 3rd file in sorted order: batch 1 of --batch-size 2
+    good = broken.read_bytes()
+    whole = tmp_path / "whole"
+    extract_latents.main(args(data, tiny_vae, whole))
+    broken.write_bytes(good[:40])  # truncated PNG
+    out = tmp_path / "out"
+    msg = fails(args(data, tiny_vae, out, "--workers", "1", "--flush-every", "100"))
+    assert str(broken) in msg and "cannot read image" in msg
+    meta, _ = read(out)
+    assert meta["complete"] is False and meta["done"] == 2  # the batch before it was kept
+    broken.write_bytes(good)
+    extract_latents.main(args(data, tiny_vae, out))
+    assert read(out) == read(whole)
+
+
+# ----- Bad input: one line, nothing that looks complete -----
+
+def test_bad_inputs_are_one_line_errors(tmp_path, tiny_vae):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no images" in fails(args(empty, tiny_vae, out))
+    (empty / "readme.txt").write_text("no pictures here")
+    (empty / "sub").mkdir()
+    assert "no images" in fails(args(empty, tiny_vae, out))
+    assert "not a folder" in fails(args(tmp_path / "missing", tiny_vae, out))
+    assert not out.exists()
+
+    data = class_folder(tmp_path / "data")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    assert "is a file" in fails(args(data, tiny_vae, a_file))
+    assert a_file.read_text() == "keep me"
+    assert "is a file" in fails(args(data, tiny_vae, a_file / "below"))
+    assert "multiple of the VAE's downsample factor 2" in fails(args(data, tiny_vae, out, size=7))
+    assert "no such file or folder" in fails(args(data, str(tmp_path / "no-vae"), out))
+    assert "--batch-size must be >= 1" in fails(args(data, tiny_vae, out, batch=0))
+    assert not out.exists()
+
+    # an unreadable meta.json is refused, not overwritten
+    out.mkdir()
+    (out / "meta.json").write_text("{half")
+    assert "not a readable meta.json" in fails(args(data, tiny_vae, out))
+    assert (out / "meta.json").read_text() == "{half"
+
+
+def test_rounding_error_report(tmp_path, tiny_vae):
+    """The float16 / bfloat16 rounding of float32 moments stays within the formats' bounds 2^-11 and 2^-8."""
+    data = class_folder(tmp_path / "data")
+    extract_latents.main(args(data, tiny_vae, tmp_path / "out", "--dtype", "float32"))
+    s = extract_latents.rounding_error(str(tmp_path / "out" / "latents.npy"))
+    assert s["images"] == 7
+    for name, bound in (("float16", 2.0 ** -11), ("bfloat16", 2.0 ** -8)):
+        assert s[name]["bound"] == bound and 0 < s[name]["max_rel"] <= bound
+        assert s[name]["mean_rel"] < bound / 2 + 1e-9
+    assert s["float16"]["max_err_over_std"] < s["bfloat16"]["max_err_over_std"]
+
+
+def test_float16_overflow_is_refused(tmp_path, tiny_vae, monkeypatch):
+    data = class_folder(tmp_path / "data")
+    encode = extract_latents.encode_batch
+    monkeypatch.setattr(extract_latents, "encode_batch", lambda *a: encode(*a) * 1e6)
+    assert "use --dtype float32" in fails(args(data, tiny_vae, tmp_path / "out"))
+    assert read(tmp_path / "out")[0]["complete"] is False
