@@ -303,7 +303,10 @@ def parse_args(argv=None):
     for ok, msg in [(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
                     (args.steps >= 1, "--steps must be >= 1"), (args.warmup >= 0, "--warmup must be >= 0"),
                     (1 <= args.sample_steps <= 1000, "--sample-steps must be in 1..1000"),
-                    (args.sample_repeats >= 1, "--sample-repeats must be >= 1")]:
+                    (args.sample_repeats >= 1, "--sample-repeats must be >= 1"),
+                    (args.precision != "fp16" or gpu, "--precision fp16 needs a CUDA device; use bf16 or fp32"),
+                    (all(getattr(args, k, None) is None or getattr(args, k) >= 1 for k in
+                         ("input_size", "in_channels")), "--input-size and --in-channels must be >= 1")]:
         if not ok:
             p.error(msg)
     return args

@@ -176,18 +176,11 @@ def atomic_link(src, dst):
 
 
 def check_writable(path, what):
-    """Fail now, before any long work, if the file `path` cannot be created (its folder is made if missing)."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Fail now, before any long work, if the file `path` could not be created: it is a folder, or its folder (or
+    the nearest existing parent) is a file or not writable. Creates nothing."""
     if os.path.isdir(path):
         raise RunError(f"{what} {path} is a folder; give a file path")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = f"{path}.tmp{os.getpid()}"
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise RunError(f"cannot write {what} {path} ({first_line(e)}); choose a writable path") from None
+    check_dir(os.path.dirname(os.path.abspath(path)), what)
 
 
 def check_dir(folder, what):

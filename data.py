@@ -248,6 +248,8 @@ class LatentFolder:
                 meta = json.load(f)
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read {meta_path} ({e}); extract the latents again") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{meta_path} is not a JSON object; extract the latents again")
         if meta.get("format") != "latents-v1" or not meta.get("complete"):
             raise DataError(f"{folder} is an incomplete or unknown latents folder (meta.json: format "
                             f"{meta.get('format')!r}, complete {meta.get('complete')!r}); rerun extract_latents.py "
@@ -257,6 +259,10 @@ class LatentFolder:
             labels = np.load(os.path.join(folder, "labels.npy"))
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read the arrays in {folder} ({e}); extract the latents again") from None
+        need = ("count", "latent_channels", "latent_size", "class_names", "scaling_factor", "image_size")
+        missing = [k for k in need if k not in meta]
+        if missing:
+            raise DataError(f"{meta_path} lacks {missing}; extract the latents again")
         n, c = meta["count"], meta["latent_channels"]
         want = (n, 2, 2 * c, meta["latent_size"], meta["latent_size"])
         if self.moments.shape != want or labels.shape != (n,):
@@ -284,8 +290,12 @@ class LatentBatches:
         nbytes = store.moments.nbytes
         fits = self.device.type != "cuda" or nbytes < 0.5 * torch.cuda.mem_get_info(self.device)[0]
         self.on_device = self.device.type == "cuda" and fits
-        self.moments = torch.from_numpy(np.ascontiguousarray(store.moments)).to(self.device) if self.on_device \
-            else None
+        self.moments = None
+        if self.on_device:  # copied in chunks: never a second full copy in host memory
+            self.moments = torch.empty(store.moments.shape, dtype=torch.from_numpy(store.moments[:1]).dtype,
+                                       device=self.device)
+            for i in range(0, len(store), 65536):
+                self.moments[i:i + 65536] = torch.from_numpy(np.ascontiguousarray(store.moments[i:i + 65536]))
         self.labels = store.labels.to(self.device)
 
     def __call__(self, indices, with_labels):

@@ -411,6 +411,8 @@ def main(argv=None):
                        tf32=args.tf32)
     except RunError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # the chunks flushed so far are recorded in meta.json
+        raise SystemExit(f"interrupted; rerun the same command to resume {args.out}")
 
 
 if __name__ == "__main__":

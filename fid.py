@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import RunError, atomic_write, first_line, resolve_device
+from common import RunError, atomic_write, first_line, remove_stale_temps, resolve_device
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -215,7 +215,8 @@ def download_weights(dst, url=None, sha1=None, progress=True):
     url, sha1 = url or FID_WEIGHTS_URL, sha1 or FID_WEIGHTS_SHA1
     hint = f"download {url} by hand and place it at {dst} (or pass --weights PATH / set $FID_WEIGHTS)"
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = f"{dst}.{os.getpid()}.part"  # same folder, so the final rename is atomic
+    remove_stale_temps(os.path.dirname(os.path.abspath(dst)))  # partial downloads of killed processes
+    tmp = f"{dst}.tmp{os.getpid()}"  # same folder, so the final rename is atomic
     try:
         with open(tmp, "wb") as f:
             try:
@@ -398,6 +399,8 @@ def save_stats(path, mu, sigma):
 
 def read_npz(path):
     """{name: array} of an .npz; a truncated or foreign file is a RunError naming it."""
+    if not os.path.isfile(path):
+        raise RunError(f"{path} does not exist; check the path")
     try:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}

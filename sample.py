@@ -137,7 +137,7 @@ def recognise(sd, path, model_name=None):
         return dict(backbone="diffit", model_name=name, model_kwargs=kw, time_offset=0,
                     diffusion=dict(schedule="linear", learn_sigma=kw["learn_sigma"]),
                     defaults=dict(sampler="ddpm", steps=250, cfg_scale=cfg_scale, cfg_channels=3,
-                                  cfg_label="power-cosine 4.6" if callable(cfg_scale) else "1.49"))
+                                  cfg_label="powcos4.6" if callable(cfg_scale) else "1.49"))
     if "x_embedder.proj.weight" in sd and "blocks.0.adaLN_modulation.1.weight" in sd:  # DiT: adaLN-Zero blocks
         hidden, C, p = sd["x_embedder.proj.weight"].shape[:3]
         name, cfg = heads("dit", hidden, p)
@@ -295,6 +295,7 @@ def run(args):
     print(f"grid of {len(grid)} samples: {path}")
     if args.npz:
         arrays = [images.permute(0, 2, 3, 1).numpy()] + ([labels.numpy().astype(np.int64)] if n_cls else [])
+        os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
         atomic_write(args.npz, lambda f: np.savez(f, *arrays))  # a file object: np.savez appends no .npz
         print(f"{len(images)} samples in ADM format: {args.npz} (arr_0 {tuple(arrays[0].shape)} uint8"
               f"{', arr_1 labels' if n_cls else ''})")
@@ -310,6 +311,8 @@ def main(argv=None):
         return run(args)
     except RunError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; nothing was written (the grid and npz are written at the end)")
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def parse_args(argv=None):
     a("--image-size", type=int, default=32)
     a("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
     a("--class-cond", action=argparse.BooleanOptionalAction, default=None,
-      help="class-conditional (default: on for labelled latents, off otherwise as the papers' CIFAR-10)")
+      help="class-conditional (default: on for extract_latents.py folders with classes, off otherwise, as the "
+           "papers' CIFAR-10)")
     a("--vae", default=None, help="latents: the SD-VAE that decodes grids and FID samples (default: the one in "
                                   "the latents' meta.json)")
     a("--class-dropout", type=float, default=0.1, help="label dropout probability for classifier-free guidance")
@@ -218,8 +219,12 @@ def read_log(path, max_step):
 
 
 def append_log(path, record):
-    with open(path, "a") as f:  # a kill mid-line leaves a partial last line, which read_log drops
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:  # a kill mid-line leaves a partial last line, which read_log drops
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({e}); free disk space, then rerun to resume from the last "
+                       "checkpoint") from None
 
 
 # ----- Checkpoints: what to resume, where -----
@@ -491,9 +496,10 @@ def train(run, data, labels, evaluate_fid=None):
             if run.step % args.ckpt_every == 0 or run.step == args.steps or stop.signum is not None:
                 check_finite(run, window, weights_too=True)
                 run.save(run.elapsed + time.time() - t_start)
-    if stop.signum is not None:
+    if run.step < args.steps:
         return False
-    print(f"done: {run.step} steps; checkpoints, log.jsonl, loss.png and samples/ are in {run.out_dir}")
+    grids = ", samples/" if os.path.isdir(os.path.join(run.out_dir, "samples")) else ""
+    print(f"done: {run.step} steps; checkpoints, log.jsonl, loss.png{grids} are in {run.out_dir}")
     return True
 
 
@@ -506,9 +512,12 @@ def setup(args):
     check_precision(args.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 (DiT train.py)
-    if device.type == "cpu" and args.model == RECIPES[args.backbone]["model"] and args.steps >= 100_000:
+    paper_model = (LATENT_RECIPES if args.dataset == "latents" else RECIPES)[args.backbone]["model"]
+    if device.type == "cpu" and args.model == paper_model and args.steps >= 100_000:
         print(f"note: {args.model} for {args.steps:,} steps at batch {args.batch_size} is the paper's GPU recipe "
               f"and would run for months on a CPU. A CPU-sized run (about 30 min on 2 cores):\n  {CPU_COMMAND}")
+    ckpt_path = resume_path(args, out_dir)
+    ckpt = load_checkpoint(ckpt_path, resume=True) if ckpt_path else None  # before any download or decoding
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -519,6 +528,8 @@ def setup(args):
             "pixels": args.dataset != "latents"}
     if isinstance(data, LatentFolder):  # what decodes the samples (sample.py reads it too)
         meta.update(vae=args.vae or data.meta.get("vae"), pixel_size=data.meta["image_size"])
+    elif args.dataset == "latents":
+        meta.update(vae=args.vae)
     kwargs = {"input_size": args.image_size, "in_channels": data.shape[1], "num_classes": num_classes,
               "class_dropout_prob": args.class_dropout if args.class_cond else 0.0, "learn_sigma": args.learn_sigma,
               **args.model_arg}
@@ -532,8 +543,6 @@ def setup(args):
               "diffusion": {"schedule": args.schedule, "timesteps": 1000, "prediction": args.prediction,
                             "learn_sigma": args.learn_sigma}}
     diffusion = GaussianDiffusion(**config["diffusion"])
-    ckpt_path = resume_path(args, out_dir)
-    ckpt = load_checkpoint(ckpt_path, resume=True) if ckpt_path else None
     if ckpt is not None:
         check_compatible(ckpt, config, ckpt_path)
     decode = None
@@ -565,6 +574,8 @@ def main(argv=None):
         finished = train(run, data, labels, evaluate_fid)
     except RunError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, the last checkpoint stays as it was
+        raise SystemExit("stopped at once (second Ctrl-C); rerun the command to resume from the last checkpoint")
     if not finished:
         raise SystemExit(f"interrupted at step {run.step}; checkpoint saved to {run.latest}; rerun the command to "
                          "resume")

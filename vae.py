@@ -448,6 +448,9 @@ def load_vae(path, device="cpu", attention="sdpa"):
 def latent_decoder(vae_path, channels, latent_size, device, image_size=None):
     """(decode, image size): images in [-1, 1] = decode(scaled latents), through the SD-VAE at vae_path (latents
     are divided by its scaling factor first, as DiT's sample.py does); image_size, if given, is checked."""
+    if vae_path and not os.path.exists(vae_path):
+        raise RunError(f"the VAE {vae_path} (from --vae, or recorded in the latents' meta.json / the checkpoint) does "
+                       "not exist; pass --vae PATH")
     if not vae_path:
         raise RunError(f"this is a latent model ({channels} x {latent_size} x {latent_size}); pass --vae with the "
                        "SD-VAE that decodes it (a diffusers folder such as sd-vae-ft-ema, or one weights file)")
@@ -461,8 +464,9 @@ def latent_decoder(vae_path, channels, latent_size, device, image_size=None):
                        f"{size}x{size} images through a VAE that downsamples {autoencoder.downsample_factor}x")
 
     @torch.no_grad()
-    def decode(z):
-        return autoencoder.decode(z.float() / autoencoder.scaling_factor).float()  # (B, 3, H, W), about [-1, 1]
+    def decode(z, chunk=16):  # in chunks: a 256x256 decode holds about 240 MB of activations per image in fp32
+        parts = [autoencoder.decode(c.float() / autoencoder.scaling_factor).float() for c in z.split(chunk)]
+        return torch.cat(parts)  # (B, 3, H, W), about [-1, 1]
     return decode, size
 
 
