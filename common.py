@@ -249,13 +249,16 @@ def load_checkpoint(path, resume=False):
 
 
 def validate_checkpoint(ckpt, path, resume=False):
-    """ckpt if it holds every key of a train_cifar.py checkpoint (and, with resume, what continuing needs)."""
+    """ckpt if it holds every key of a train_cifar.py checkpoint (and, with resume, what continuing needs).
+    Checkpoints written before formulations existed are DDPM ones."""
     need = CHECKPOINT_KEYS + (RESUME_KEYS if resume else ())
     missing = [k for k in need if k not in (ckpt if isinstance(ckpt, dict) else {})]
     if missing:
         what = " that can be resumed" if resume else ""
         raise RunError(f"{path} is not a train_cifar.py checkpoint{what} (missing {missing}); pass latest.pt or a "
                        "ckpt_XXXXXXX.pt of a run")
+    if isinstance(ckpt["diffusion"], dict):
+        ckpt["diffusion"].setdefault("formulation", "ddpm")
     return ckpt
 
 

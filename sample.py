@@ -23,7 +23,7 @@ import torch
 import fid
 from common import (RunError, atomic_write, autocast_forward, build_model, check_precision, check_writable,
                     first_line, generate, load_model, resolve_device, save_grid, validate_checkpoint)
-from diffusion import SAMPLERS, GaussianDiffusion, power_cosine_guidance
+from diffusion import GaussianDiffusion, make_diffusion, power_cosine_guidance
 from vae import latent_decoder, load_safetensors
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++2m": 25}  # DiT's 250-step DDPM; DPM-Solver README's 20-25
@@ -37,7 +37,8 @@ def parse_args(argv=None):
     a("--num-samples", type=int, default=64)
     a("--npz", default=None, help="also write all samples here in the ADM .npz format")
     a("--batch-size", type=int, default=256)
-    a("--sampler", default=None, choices=SAMPLERS, help="default: dpm++2m, or the official model's paper sampler")
+    a("--sampler", default=None, help="ddpm / ddim / dpm++2m (ddpm checkpoints), heun / euler (edm), euler / heun / "
+                                      "sde (flow); default: dpm++2m, heun, euler, or the official model's paper sampler")
     a("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULT_STEPS}, or the paper's)")
     a("--eta", type=float, default=0.0, help="DDIM eta")
     a("--cfg-scale", type=float, default=None,
@@ -211,8 +212,13 @@ def prepare(args, device):
     if isinstance(raw, dict) and ("backbone" in raw or "model_kwargs" in raw):  # train_cifar.py
         validate_checkpoint(raw, args.ckpt)
         model, meta, spec = load_model(raw, args.ema, device, args.ckpt), raw["data"], None
-        diffusion = GaussianDiffusion(**raw["diffusion"])
-        defaults = dict(sampler="dpm++2m", steps=None, cfg_scale=1.0, cfg_channels=None, cfg_label=None)
+        diffusion = make_diffusion(**raw["diffusion"])  # the checkpoint's formulation (ddpm, edm or flow)
+        first = "dpm++2m" if diffusion.formulation == "ddpm" else diffusion.SAMPLERS[0]
+        rec = raw.get("args", {})  # the run's grid / FID sampler (e.g. the DiT latent recipe's 250-step DDPM)
+        if rec.get("sampler") in diffusion.SAMPLERS:
+            first = rec["sampler"]
+        defaults = dict(sampler=first, steps=rec.get("sample_steps") if rec.get("sampler") == first else None,
+                        cfg_scale=1.0, cfg_channels=None, cfg_label=None)
         head = f"{raw['backbone']} {raw['model_name']} at step {raw['step']} ({'EMA' if args.ema else 'raw'} weights)"
     elif isinstance(raw, dict) and raw and all(torch.is_tensor(v) for v in raw.values()):  # a bare state_dict
         model, spec = load_official(raw, args.ckpt, args, device)
@@ -226,9 +232,12 @@ def prepare(args, device):
         raise RunError(f"{args.ckpt} is not a train_cifar.py checkpoint nor a bare state_dict of an official "
                        "release; pass one of those")
     args.sampler = args.sampler or defaults["sampler"]
+    if args.sampler not in diffusion.SAMPLERS:
+        raise RunError(f"--sampler {args.sampler} is not a {diffusion.formulation} sampler; choose one of "
+                       f"{', '.join(diffusion.SAMPLERS)}")
     if args.steps is None:
         same = args.sampler == defaults["sampler"] and defaults["steps"]
-        args.steps = defaults["steps"] if same else DEFAULT_STEPS[args.sampler]
+        args.steps = defaults["steps"] if same else diffusion.DEFAULT_STEPS[args.sampler]
     args.cfg_channels = defaults["cfg_channels"]
     if args.cfg_scale is None:
         args.cfg_scale, args.cfg_label = defaults["cfg_scale"], defaults["cfg_label"] or "1"

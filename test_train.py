@@ -218,7 +218,8 @@ def test_training_writes_checkpoints_logs_grids(baseline):
     assert ck["model_kwargs"] == {"input_size": 32, "in_channels": 3, "num_classes": 0, "class_dropout_prob": 0.0,
                                   "learn_sigma": True, "hidden_size": 32, "depth": 2, "num_heads": 2,
                                   "patch_size": 4}
-    assert ck["diffusion"] == {"schedule": "linear", "timesteps": 1000, "prediction": "eps", "learn_sigma": True}
+    assert ck["diffusion"] == {"formulation": "ddpm", "schedule": "linear", "timesteps": 1000, "prediction": "eps",
+                               "learn_sigma": True}
     assert ck["args"]["lr"] == 1e-4 and ck["args"]["betas"] == [0.9, 0.999]  # DiT recipe
     assert set(ck["rng"]) == {"torch", "cuda", "numpy", "python"}
     assert torch.load(baseline / "ckpt_0000010.pt", weights_only=True)["step"] == 10
@@ -293,7 +294,8 @@ def test_other_backbones_plug_in(tmp_path, cifar_dir, backbone):
     train_cifar.main(argv)
     ck = torch.load(tmp_path / backbone / "latest.pt", weights_only=True)
     assert ck["backbone"] == backbone and ck["model_kwargs"]["num_classes"] == 10
-    assert not ck["diffusion"]["learn_sigma"]
+    assert not ck["diffusion"].get("learn_sigma") and ck["diffusion"]["formulation"] == (
+        "edm" if backbone == "diffit" else "ddpm")  # DiffiT trains with EDM, as its paper
     sample.main(["--ckpt", str(tmp_path / backbone / "latest.pt"), "--num-samples", "2", "--steps", "1",
                  "--cfg-scale", "2", "--out", str(tmp_path / "g.png")])
     assert image(tmp_path / "g.png").shape == (2 + 1 * 34, 2 + 2 * 34, 3)
@@ -525,3 +527,27 @@ def test_fid_setup_fails_before_training(tmp_path, cifar_dir, capsys):
         train(tmp_path / "r", cifar_dir, "--steps", 2, "--fid-every", 1, "--fid-ref", str(tmp_path / "missing.npz"))
     assert "cannot compute FID" in exit_message(e, capsys)
     assert not (tmp_path / "r" / "latest.pt").exists()
+
+
+# ----- Formulations: every one trains, resumes bit-exactly and samples through sample.py -----
+
+@pytest.mark.parametrize("formulation", ["edm", "flow"])
+def test_formulation_run_resumes_exactly_and_samples(tmp_path, cifar_dir, capsys, formulation):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["--formulation", formulation, "--sample-every", "0"]
+    train(full, cifar_dir, "--steps", 6, *args)
+    train(part, cifar_dir, "--steps", 3, *args)
+    train(part, cifar_dir, "--steps", 6, *args)              # resumed from step 3
+    assert [r["loss"] for r in read_log(part)] == [r["loss"] for r in read_log(full)]
+    a, b = (torch.load(p / "latest.pt", weights_only=True) for p in (part, full))
+    assert a["diffusion"] == {**b["diffusion"]} and a["diffusion"]["formulation"] == formulation
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    with pytest.raises(SystemExit) as e:                     # resuming under another formulation is refused
+        train(part, cifar_dir, "--steps", 8, "--sample-every", "0")
+    assert "diffusion.formulation" in exit_message(e, capsys)
+    npz = tmp_path / "s.npz"
+    sample.main(["--ckpt", str(full / "latest.pt"), "--num-samples", "2", "--steps", "2", "--npz", str(npz),
+                 "--out", str(tmp_path / "g.png")])
+    assert f"{'heun' if formulation == 'edm' else 'euler'} 2 steps" in capsys.readouterr().out
+    with np.load(npz) as f:
+        assert f["arr_0"].shape == (2, 32, 32, 3) and f["arr_0"].dtype == np.uint8
