@@ -527,6 +527,18 @@ def _check_output(out, x, name):
     return out
 
 
+def _start_sampling(diff, model, shape, sampler, steps, noise, generator, device):
+    """Checks shared by the EDM and flow samplers -> (steps, device, the standard-normal start noise)."""
+    if sampler not in diff.SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} for {diff.formulation}; choose one of {diff.SAMPLERS}")
+    steps = diff.DEFAULT_STEPS[sampler] if steps is None else steps
+    _check_steps(steps)
+    device = _model_device(model, device)
+    noise = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
+    _check_eval(model)
+    return steps, device, noise
+
+
 def _check_steps(steps):
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"sampler steps must be a positive integer, got {steps!r}")
@@ -663,14 +675,8 @@ class EDM:
         2 steps - 1 network evaluations (18 -> 35), 'euler' `steps`. CFG guides D (one batched 2B call per
         evaluation); a callable cfg_scale gets network_t(sigma). clip_denoised clamps D to [-1, 1].
         eta and spacing are accepted (the DDPM samplers' keywords) and ignored."""
-        if sampler not in self.SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r} for EDM; choose one of {self.SAMPLERS}")
-        steps = self.DEFAULT_STEPS[sampler] if steps is None else steps
-        _check_steps(steps)
+        steps, device, noise = _start_sampling(self, model, shape, sampler, steps, noise, generator, device)
         model_kwargs = model_kwargs or {}
-        device = _model_device(model, device)
-        noise = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
-        _check_eval(model)
         sig = self.sigmas(steps).tolist()
         D = lambda x, s: self._denoise(model, x, s, model_kwargs, cfg_scale, null_label, cfg_channels, clip_denoised)
         x = noise * sig[0]
@@ -798,14 +804,8 @@ class FlowMatching:
         'heun' or 'sde' (see the class docstring) over `steps` uniform steps (default DEFAULT_STEPS[sampler]).
         CFG guides the velocity (one batched 2B call per evaluation); a callable cfg_scale gets network_t(t).
         clip_denoised clamps the implied x0 to [-1, 1]. eta and spacing are accepted and ignored."""
-        if sampler not in self.SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r} for flow matching; choose one of {self.SAMPLERS}")
-        steps = self.DEFAULT_STEPS[sampler] if steps is None else steps
-        _check_steps(steps)
+        steps, device, x = _start_sampling(self, model, shape, sampler, steps, noise, generator, device)
         model_kwargs = model_kwargs or {}
-        device = _model_device(model, device)
-        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
-        _check_eval(model)
         V = lambda x, t: self._velocity(model, x, t, model_kwargs, cfg_scale, null_label, cfg_channels, clip_denoised)
         ts = [i / steps for i in range(steps, -1, -1)]  # 1, ..., 1/steps, 0
         for i in tqdm(range(steps), disable=not progress, desc=f"flow-{sampler}"):

@@ -9,6 +9,7 @@ import torch
 import diffit
 import dit
 import uvit
+from conftest import randomized
 
 # Small class-conditional models (10 classes); weights are randomised below, so zero-initialised heads hide nothing.
 BUILDS = {
@@ -22,12 +23,6 @@ BUILDS = {
 }
 
 
-def randomized(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (p[0].numel() ** -0.5 if p.ndim > 1 else 0.1))
-    return model
 
 
 def inputs(model, B=4, seed=1):

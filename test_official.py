@@ -15,6 +15,7 @@ import dit
 import sample
 import uvit
 import vae
+from conftest import randomized
 
 # Small official-layout models of 4 x 8 x 8 latents with a 1001-row-style label table (10 classes + null row).
 # Hidden sizes are small, so --model names the release config that supplies the head count (as a user would).
@@ -31,13 +32,6 @@ OFFICIAL = {
 }
 
 
-def randomized(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * (p[0].numel() ** -0.5 if p.ndim > 1 else 0.1))
-    return model
 
 
 def release_file(tmp_path, backbone):

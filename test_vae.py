@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import vae
+from conftest import randomized
 from common import RunError
 from vae import AutoencoderKL, diffusers_to_ldm, ldm_to_diffusers, load_safetensors, load_vae, save_safetensors
 
@@ -33,12 +34,6 @@ def shapes(state_dict):
     return {k: list(v.shape) for k, v in state_dict.items()}
 
 
-def randomized(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (p[0].numel() ** -0.5 if p.ndim > 1 else 0.1))
-    return model
 
 
 def tiny(seed=0, **kw):
