@@ -282,9 +282,9 @@ class LatentFolder:
 class LatentBatches:
     """Batches of z = scaling_factor * (mean + exp(logvar / 2) eps) from stored moments, with one of the two stored
     flips per sample (the flip augmentation of DiT and U-ViT) and fresh noise every step, as DiT's on-the-fly
-    `latent_dist.sample()`. The moments live on the device when they take under a quarter of its free memory (the rest is the
-    model's); otherwise each
-    batch is gathered from the memory map into pinned host memory and copied asynchronously."""
+    `latent_dist.sample()`. The moments live on the device when they take under a quarter of its free memory (the
+    rest is the model's); otherwise each batch is gathered from the memory map into pinned host memory and copied
+    asynchronously."""
 
     def __init__(self, store, device):
         self.store, self.device, self.scale = store, torch.device(device), store.scaling_factor
