@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 
 import numpy as np
 import torch
@@ -243,8 +244,13 @@ def load_checkpoint(path, resume=False):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, random bytes: all "not a checkpoint"
-        raise RunError(f"cannot read checkpoint {path} ({first_line(e)[:140]}); it is truncated or not a "
-                       "train_cifar.py checkpoint: pass an older ckpt_XXXXXXX.pt or a new --out-dir") from None
+        why = "not a zip archive" if not zipfile.is_zipfile(path) else first_line(e)[:140]
+        hint = "pass an older ckpt_XXXXXXX.pt or a new --out-dir"
+        if os.path.basename(path) == "latest.pt":  # a kept checkpoint of the same run can take over
+            hint = (f"move it aside (mv {path} {path}.bad) and resume from a kept checkpoint of this run with "
+                    f"--resume {os.path.join(os.path.dirname(path), 'ckpt_XXXXXXX.pt')}, or pick a new --out-dir")
+        raise RunError(f"cannot read checkpoint {path} ({why}); it is truncated or not a train_cifar.py "
+                       f"checkpoint: {hint}") from None
     return validate_checkpoint(ckpt, path, resume)
 
 

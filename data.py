@@ -85,6 +85,9 @@ def safe_extract(archive, dest):
     """Extract only regular files under cifar-10-batches-py/; reject absolute paths, '..', links, devices.
     Extracts into a temporary folder inside dest that is renamed at the end, so a half-extracted folder
     never looks complete."""
+    for name in os.listdir(dest):  # what a killed extraction left (never looks complete: it is renamed at the end)
+        if name.startswith(".extract-") and os.path.isdir(os.path.join(dest, name)):
+            shutil.rmtree(os.path.join(dest, name), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=".extract-", dir=dest)
     try:
         with tarfile.open(archive, "r:*") as tar:

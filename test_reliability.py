@@ -23,7 +23,7 @@ import fid
 import sample
 import train_cifar
 from diffusion import GaussianDiffusion
-from test_train import TINY, archive, baseline, cifar_dir, digest, read_log, train  # noqa: F401 (fixtures)
+from test_train import TINY, archive, baseline, cifar_dir, digest, mirror, read_log, train  # noqa: F401 (fixtures)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="valid input where a CUDA GPU is visible")
@@ -345,3 +345,25 @@ def test_fid_bad_input_is_named_before_any_network(tmp_path, capsys, monkeypatch
     msg = one_line_error(e, capsys)
     assert expect in msg and "download" not in msg and "delete" not in msg
     assert snapshot(tmp_path) == before
+
+
+def test_corrupt_latest_rolls_back_to_a_kept_checkpoint_of_the_same_run(existing, cifar_dir, baseline, capsys):
+    """The advice a corrupt latest.pt gets works: move it aside, resume the run's own ckpt_XXXXXXX.pt there."""
+    (existing / "latest.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        train(existing, cifar_dir, "--steps", 20)
+    assert "move it aside" in one_line_error(e, capsys)
+    os.replace(existing / "latest.pt", existing / "latest.pt.bad")
+    train(existing, cifar_dir, "--steps", 20, "--sample-every", 10, "--keep-every", 10,
+          "--resume", existing / "ckpt_0000010.pt")
+    assert [r["loss"] for r in read_log(existing)] == [r["loss"] for r in read_log(baseline)]
+    assert same_weights(existing / "latest.pt", baseline / "latest.pt")
+
+
+def test_a_killed_cifar_extraction_leaves_nothing_behind_next_time(tmp_path, mirror):
+    import data
+    stale = tmp_path / "d" / ".extract-killed"
+    (stale / "cifar-10-batches-py").mkdir(parents=True)
+    (stale / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half")
+    x, _ = data.load_cifar10(str(tmp_path / "d"))
+    assert len(x) == 50 and sorted(os.listdir(tmp_path / "d")) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]

@@ -257,9 +257,11 @@ def resume_path(args, out_dir):
         hint = "use --resume auto to continue it" if args.resume == "never" else \
             f"resuming {args.resume} there would overwrite it: use --resume auto to continue that run"
         raise RunError(f"{out_dir} already holds a run (latest.pt); {hint}, or pick a new --out-dir")
-    if args.resume != "never" and not os.path.exists(latest) and os.path.exists(log) and os.path.getsize(log):
+    own = args.resume != "never" and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(out_dir)
+    if args.resume != "never" and not own and not os.path.exists(latest) and os.path.exists(log) \
+            and os.path.getsize(log):
         raise RunError(f"{out_dir} holds the log.jsonl of another run; resume {args.resume} into a new --out-dir")
-    return None if args.resume == "never" else args.resume
+    return None if args.resume == "never" else args.resume  # a kept ckpt of this run: a rollback (log trimmed)
 
 
 # ----- The run: model, EMA, optimizer and where it is -----
