@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 
 from diffusion import SAMPLERS, GaussianDiffusion
-from common import BACKBONES, RunError, atomic_write, autocast_forward, check_writable, resolve_device
-from train_cifar import RECIPES, train_step, update_ema
+from common import BACKBONES, RECIPES, RunError, atomic_write, autocast_forward, check_writable, resolve_device
+from train_cifar import train_step, update_ema
 
 # What `train_cifar.py --backbone X` trains by default: the recipe's model, unconditional, 32x32x3 (DiT's
 # registry defaults are the ImageNet latent ones, so they are overridden the same way train_cifar does).

@@ -17,8 +17,6 @@ import json
 import math
 import os
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -28,58 +26,14 @@ import torch
 from tqdm.auto import tqdm
 
 import fid
-from common import (BACKBONES, RunError, atomic_link, atomic_write, autocast_forward, build_model, check_compatible,
-                    check_dir, check_precision, default_precision, generate, load_checkpoint, make_dir, plain,
-                    plot_losses, remove_stale_temps, resolve_device, rng_state, save_checkpoint, save_grid,
-                    set_rng_state, to_uint8)
+from common import (BACKBONES, LATENT_RECIPES, PIXEL_SAMPLING, RECIPES, Interrupted, RunError, StopOnSignal,
+                    atomic_link, atomic_write, autocast_forward, build_model, check_compatible, check_dir,
+                    check_precision, default_precision, generate, load_checkpoint, make_dir, plain, plot_losses,
+                    remove_stale_temps, resolve_device, rng_state, save_checkpoint, save_grid, set_rng_state, to_uint8)
 from data import BatchIndices, LatentBatches, LatentFolder, get_batch, load_dataset
 from diffusion import FORMULATIONS, PREDICTIONS, SCHEDULES, make_diffusion
 from vae import latent_decoder
 
-# ----- Each paper's CIFAR-10 recipe -----
-
-RECIPES = {
-    # DiT (Peebles & Xie §4 "Training"; facebookresearch/DiT train.py @ ed81ce2): AdamW lr 1e-4, wd 0, betas
-    # (0.9, 0.999), no warm-up, no clipping, EMA 0.9999, learn_sigma with the hybrid loss, linear schedule. Ours:
-    # DiT-S/2 (33M params, 256 tokens at 32x32x3) because it matches U-ViT-S/2 (44M, 256 tokens) in size; B/2 is
-    # 130M and ~4x the compute per step. Batch 128 on one GPU (official: 256 global). 500k steps = U-ViT's
-    # CIFAR-10 budget (DiT reports no CIFAR-10 run).
-    "dit": dict(model="DiT-S/2", steps=500_000, batch_size=128, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999),
-                warmup=0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True, formulation="ddpm"),
-    # U-ViT CIFAR-10 (Bao et al. App. B; baofff/U-ViT configs/cifar10_uvit_small.py @ ce55170): U-ViT-S/2, AdamW
-    # lr 2e-4, wd 0.03, betas (0.99, 0.999), batch 128, 2.5k warm-up then constant, 500k steps, EMA 0.9999,
-    # eps-prediction, no clipping. The official run is a continuous VP-SDE; here the discrete linear schedule.
-    "uvit": dict(model="U-ViT-S/2", steps=500_000, batch_size=128, lr=2e-4, weight_decay=0.03, betas=(0.99, 0.999),
-                 warmup=2500, grad_clip=0.0, ema_decay=0.9999, learn_sigma=False, formulation="ddpm"),
-    # DiffiT-CIFAR (DiffiT App. I.1): EDM training and EDM's Heun sampler (18 steps), Adam lr 1e-3, batch 512,
-    # 200k iterations; where the paper is silent, EDM's CIFAR-10 recipe (Karras et al. 2022, train.py defaults):
-    # lr ramp-up over 10 Mimg (19,531 steps at 512), EMA half-life 0.5 Mimg (decay 0.5^(512/500k) per step),
-    # dropout 0.13 (the DiffiT-CIFAR default). EDM trains 200 Mimg; the paper's 200k x 512 = 102.4 Mimg is kept.
-    "diffit": dict(model="DiffiT-CIFAR", steps=200_000, batch_size=512, lr=1e-3, weight_decay=0.0,
-                   betas=(0.9, 0.999), warmup=19_531, grad_clip=0.0, ema_decay=0.5 ** (512 / 500_000),
-                   learn_sigma=False, formulation="edm"),
-}
-# On latents from extract_latents.py (256x256 images -> 4x32x32), each paper's ImageNet-256 recipe.
-LATENT_RECIPES = {
-    # DiT §4 / train.py: DiT-XL/2, AdamW lr 1e-4, no weight decay, global batch 256, EMA 0.9999, learned sigma,
-    # linear schedule; evaluated with 250-step DDPM. 400k steps = the paper's scaling-study length (XL/2: 7M).
-    "dit": dict(model="DiT-XL/2", steps=400_000, batch_size=256, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999),
-                warmup=0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True, schedule="linear", sampler="ddpm",
-                sample_steps=250, formulation="ddpm"),
-    # U-ViT Table / configs/imagenet256_uvit_huge.py: U-ViT-H/2, AdamW lr 2e-4, wd 0.03, betas (0.99, 0.99), batch
-    # 1024, 5k warm-up, 500k steps, EMA 0.9999, label dropout 0.1, the discrete scaled-linear schedule
-    # (train_ldm_discrete.py); DPM-Solver 50 steps.
-    "uvit": dict(model="U-ViT-H/2", steps=500_000, batch_size=1024, lr=2e-4, weight_decay=0.03, betas=(0.99, 0.99),
-                 warmup=5000, grad_clip=0.0, ema_decay=0.9999, learn_sigma=False, schedule="scaled_linear",
-                 sampler="dpm++2m", sample_steps=50, formulation="ddpm"),
-    # DiffiT App. I.2: DiffiT-XL/2, lr 3e-4, batch 256, EMA 0.9999, ADM's diffusion (linear, learned sigma); the
-    # optimizer and length are not stated: AdamW without weight decay (DiT's) and DiT's 400k steps are ours.
-    "diffit": dict(model="DiffiT-XL/2", steps=400_000, batch_size=256, lr=3e-4, weight_decay=0.0,
-                   betas=(0.9, 0.999), warmup=0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True,
-                   schedule="linear", sampler="ddpm", sample_steps=250,
-                   formulation="ddpm"),
-}
-PIXEL_SAMPLING = dict(schedule="linear")  # the pixel recipes' DDPM schedule; grids use the formulation's sampler
 # What 2 CPU cores train in about 30 minutes (measured: README, "What a CPU can do").
 CPU_COMMAND = ("python train_cifar.py --backbone dit --model DiT-Tiny --batch-size 32 --lr 3e-4 --steps 800 "
                "--ema-decay 0.995 --sample-every 400")
@@ -326,41 +280,7 @@ class Run:
         self.last_good = (self.latest, self.step)
 
 
-# ----- Stopping: signals and non-finite values -----
-
-class Interrupted(Exception):
-    """A stop request arrived during a sample grid or an FID: that work is abandoned, the checkpoint is not."""
-
-
-class StopOnSignal:
-    """First Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit. Second Ctrl-C: stop at once."""
-
-    def __init__(self):
-        self.signum, self.old = None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        tqdm.write("stopping to save a checkpoint (Ctrl-C again to quit at once)")
-
-    def guard(self, fwd):
-        """fwd that raises Interrupted once a stop was requested: grids and FID stop within one model call."""
-        def guarded(*a, **kw):
-            if self.signum is not None:
-                raise Interrupted
-            return fwd(*a, **kw)
-        return guarded
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-
+# ----- Stopping: non-finite values -----
 
 def first_nonfinite(window, step):
     """Step of the first non-finite loss term in `window` (per-step stats ending at `step`), or None. The last
