@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 # --backbone name -> module with a MODELS registry; adding a backbone is one line here plus its recipe.
-BACKBONES = {"dit": "dit", "uvit": "uvit", "diffit": "diffit"}
+BACKBONES = {"dit": "dit", "uvit": "uvit", "diffit": "diffit", "genvit": "genvit"}
 # What every train_cifar.py checkpoint holds (the model is rebuilt from backbone, model_name, model_kwargs).
 CHECKPOINT_KEYS = ("step", "model", "ema", "backbone", "model_name", "model_kwargs", "diffusion", "data")
 RESUME_KEYS = ("opt", "rng", "args")  # also needed to continue a run exactly
@@ -71,6 +71,14 @@ RECIPES = {
     "diffit": dict(model="DiffiT-CIFAR", steps=200_000, batch_size=512, lr=1e-3, weight_decay=0.0,
                    betas=(0.9, 0.999), warmup=19_531, grad_clip=0.0, ema_decay=0.5 ** (512 / 500_000),
                    learn_sigma=False, formulation="edm"),
+    # GenViT (Yang et al. 2022; sndnyang/Diffusion_ViT gevit_main.py, utils/scheduler.py, diffusion.py @ 84a4cfe):
+    # AdamW lr 1e-3, wd 0.05, batch 128, 500 epochs = 195k steps (390 per epoch), 10 warm-up epochs from 1e-6
+    # then cosine to 1e-6, per step; clip 1.0, EMA 0.999; cosine schedule, L1 eps loss, 1000-step ancestral
+    # sampling with the posterior ("small", clipped) variance. HybViT adds --hybvit (100 L_diff + CE).
+    "genvit": dict(model="GenViT-CIFAR", steps=195_000, batch_size=128, lr=1e-3, weight_decay=0.05,
+                   betas=(0.9, 0.999), warmup=3_900, grad_clip=1.0, ema_decay=0.999, learn_sigma=False,
+                   formulation="ddpm", schedule="cosine", loss_type="l1", lr_schedule="cosine", min_lr=1e-6,
+                   fixed_variance="small", sampler="ddpm", sample_steps=1000),
 }
 # On latents from extract_latents.py (256x256 images -> 4x32x32), each paper's ImageNet-256 recipe.
 LATENT_RECIPES = {
@@ -91,8 +99,11 @@ LATENT_RECIPES = {
                    betas=(0.9, 0.999), warmup=0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True,
                    schedule="linear", sampler="ddpm", sample_steps=250,
                    formulation="ddpm"),
+    # GenViT reports no latent model: its CIFAR-10 recipe and size on the 32x32x4 latents (patch 4: 64 tokens).
+    "genvit": RECIPES["genvit"],
 }
-PIXEL_SAMPLING = dict(schedule="linear")  # the pixel recipes' DDPM schedule; grids use the formulation's sampler
+# What a recipe leaves unset: DDPM's linear schedule, L2 loss, constant LR after the warm-up, ADM's 'large' variance.
+RECIPE_DEFAULTS = dict(schedule="linear", loss_type="l2", lr_schedule="constant", min_lr=0.0, fixed_variance="large")
 
 
 # ----- Models -----
@@ -151,14 +162,15 @@ def check_precision(precision, device):
 
 
 def autocast_forward(model, device, precision):
-    """model(x, t, **kw) under autocast, output cast to float32 so the diffusion math stays in fp32."""
+    """model(x, t, **kw) (or any model method, e.g. GenViT.classify) under autocast, output cast to float32 so the
+    diffusion math stays in fp32."""
     if precision == "fp32":
         return model
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
 
-    def forward(x, t, **kw):
+    def forward(*args, **kw):
         with torch.autocast(device.type, dtype=dtype):
-            return model(x, t, **kw).float()
+            return model(*args, **kw).float()
     return forward
 
 
@@ -319,6 +331,8 @@ def validate_checkpoint(ckpt, path, resume=False):
 
 
 MAY_CHANGE = {"data.vae"}  # which VAE decodes the grids may change on resume; the latents may not
+# Settings recorded only since a later version, with the value every older checkpoint was trained with.
+ADDED = {"diffusion.loss_type": "l2", "diffusion.fixed_variance": "large"}
 
 
 def check_compatible(ckpt, config, path):
@@ -327,6 +341,8 @@ def check_compatible(ckpt, config, path):
     for k, new in plain(config).items():
         old = plain(ckpt.get(k))
         if isinstance(new, dict) and isinstance(old, dict):  # name the differing entries, e.g. model_kwargs.depth
+            old = {**{j[len(k) + 1:]: v for j, v in ADDED.items() if j.startswith(k + ".") and j[len(k) + 1:] in new},
+                   **old}
             diffs += [f"{k}.{j} {old.get(j)!r} != {new.get(j)!r}" for j in sorted({**old, **new})
                       if old.get(j) != new.get(j) and f"{k}.{j}" not in MAY_CHANGE]
         elif old != new:

@@ -364,6 +364,20 @@ class BatchIndices:
         return torch.cat([self.perm(int(e))[offsets[epochs == e]] for e in torch.unique(epochs)])
 
 
+def random_crop(x, pad, fill=-1.0):
+    """torchvision RandomCrop(size, padding=pad) on a batch in [-1, 1]: pad each side by `pad` with `fill` (black,
+    as the zero padding of the uint8 image), then take a random same-size window per image (global RNG, on x's
+    device, so a resumed run crops the same)."""
+    B, _, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=fill)
+    dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=x.device) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    b = torch.arange(B, device=x.device)[:, None, None, None]
+    c = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[b, c, rows, cols]  # (B, C, H, W)
+
+
 def get_batch(data, labels, indices, flip):
     """Gather a batch on data's device, scale uint8 to [-1, 1], flip a random half horizontally (on the device,
     with the global RNG, so a resumed run flips the same images)."""

@@ -11,8 +11,8 @@ Eqs. 3-8):
   so the released weights load with strict=True.
 Both follow the project backbone interface: forward(x, t, y=None) with t the integer DDPM timestep in 0..T-1.
 The small primitives (timestep_embedding, PatchEmbed, unpatchify, Mlp, run_block, _check_inputs, ...) are written
-identically in dit.py, uvit.py and diffit.py, so each file stands alone and a diff between two backbones shows
-only what the papers change.
+identically in dit.py, uvit.py, diffit.py and genvit.py (each file has those it uses), so each file stands alone
+and a diff between two backbones shows only what the papers change.
 """
 import math
 from functools import partial
@@ -233,16 +233,21 @@ def run_block(model, block, *args):
     return block(*args)
 
 
-def _check_inputs(model, x, t, y):
-    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)
-    and, for a class-conditional model, integer labels y (B,) in 0..num_classes - 1 or the null label."""
+def _check_image(model, x, t):
+    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)."""
     want = (model.in_channels, model.input_size, model.input_size)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
         raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
-    B = x.shape[0]
-    if not torch.is_tensor(t) or t.shape != (B,):
+    if not torch.is_tensor(t) or t.shape != (x.shape[0],):
         got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-        raise ValueError(f"t must be a tensor of shape ({B},), one timestep per sample, got {got}")
+        raise ValueError(f"t must be a tensor of shape ({x.shape[0]},), one timestep per sample, got {got}")
+
+
+def _check_inputs(model, x, t, y):
+    """_check_image, and for a class-conditional model integer labels y (B,) in 0..num_classes - 1 or the null
+    label."""
+    _check_image(model, x, t)
+    B = x.shape[0]
     if model.num_classes == 0:
         return  # unconditional: y is ignored
     rows = model.num_classes + (model.null_label is not None)  # label table rows, null label included
@@ -378,12 +383,13 @@ class ImageDiffiT(nn.Module):
         nn.init.zeros_(self.head[-1].weight)  # ★ ours: zero head (EDM uses a 1e-5 scale, DiT zero)
         nn.init.zeros_(self.head[-1].bias)
 
-    def forward(self, x, t, y=None):
-        """x (B, C, H, W), t (B,) integer DDPM timesteps, y (B,) labels or None -> (B, C_out, H, W)."""
+    def forward(self, x, t, y=None, force_drop_ids=None):
+        """x (B, C, H, W), t (B,) integer DDPM timesteps, y (B,) labels or None -> (B, C_out, H, W);
+        force_drop_ids (B,) 0/1 drops exactly those labels instead of at random (DiT's LabelEmbedder argument)."""
         _check_inputs(self, x, t, y)
         c = self.t_embedder(t)  # (B, temb_dim) time token shared by every TMSA
         if self.y_embedder is not None:  # unconditional models ignore y
-            c = c + self.y_embedder(y, self.training)  # (B, temb_dim): c = t_emb + y_emb
+            c = c + self.y_embedder(y, self.training, force_drop_ids)  # (B, temb_dim): c = t_emb + y_emb
         h = self.tokenizer(x)  # (B, C0, H, W)
         skips = []
         for l, blocks in enumerate(self.encoder):
@@ -472,13 +478,14 @@ class LatentDiffiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)  # zero head: a fresh model outputs exactly 0
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, x, t, y=None):
-        """x (B, C, H, W) latents, t (B,) integer DDPM timesteps, y (B,) labels or None -> (B, C_out, H, W)."""
+    def forward(self, x, t, y=None, force_drop_ids=None):
+        """x (B, C, H, W) latents, t (B,) integer DDPM timesteps, y (B,) labels or None -> (B, C_out, H, W);
+        force_drop_ids (B,) 0/1 drops exactly those labels instead of at random (DiT's LabelEmbedder argument)."""
         _check_inputs(self, x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)^2 tokens
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:  # unconditional models ignore y
-            c = c + self.y_embedder(y, self.training)  # (B, D): c = t_emb + y_emb, the time token of every TMSA
+            c = c + self.y_embedder(y, self.training, force_drop_ids)  # (B, D): t_emb + y_emb, every TMSA's time token
         for block in self.blocks:
             x = run_block(self, block, x, c, (self.grid_size, self.grid_size))  # (B, N, D)
         x = self.final_layer(x)  # (B, N, p*p*C_out)

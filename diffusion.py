@@ -38,6 +38,14 @@ from tqdm.auto import tqdm
 SCHEDULES = ("linear", "cosine", "scaled_linear")
 PREDICTIONS = ("eps", "x0", "v")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+# The regression loss of every formulation: squared error (the papers' default) or absolute error (GenViT's
+# L1 noise loss, lucidrains-style loss_type='l1'), on what the network itself regresses.
+LOSS_TYPES = ("l2", "l1")
+
+
+def _check_loss_type(loss_type):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
 
 
 def make_betas(schedule, timesteps=1000):
@@ -176,6 +184,7 @@ class GaussianDiffusion:
     learn_sigma   the model outputs 2C channels; the extra C are v in [-1, 1] (Improved DDPM Eq. 15)
     fixed_variance  without learned sigma: 'large' (sigma^2 = beta_t, DDPM's CIFAR choice and ADM's
                     default) or 'small' (sigma^2 = posterior variance beta~_t)
+    loss_type     'l2' (L_simple) or 'l1' (mean |target - prediction|, GenViT's default)
     formulation   'ddpm' only; accepted so that GaussianDiffusion(**config()) works as make_diffusion(**config())
 
     DEFAULT_STEPS are the step counts to pass when a caller has none: DiT's 250-step DDPM sampler (DiT App.),
@@ -188,7 +197,7 @@ class GaussianDiffusion:
     DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++2m": 25}
 
     def __init__(self, schedule="linear", timesteps=1000, prediction="eps", learn_sigma=False,
-                 fixed_variance="large", betas=None, timestep_map=None, formulation="ddpm"):
+                 fixed_variance="large", betas=None, timestep_map=None, loss_type="l2", formulation="ddpm"):
         if formulation != "ddpm":
             raise ValueError(f"GaussianDiffusion is the 'ddpm' formulation, got formulation={formulation!r}; "
                              "build other formulations with make_diffusion")
@@ -196,12 +205,13 @@ class GaussianDiffusion:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
         if fixed_variance not in ("large", "small"):
             raise ValueError(f"fixed_variance must be 'large' or 'small', got {fixed_variance!r}")
+        _check_loss_type(loss_type)
         betas = make_betas(schedule, timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError(f"betas must be a 1-D array with values in (0, 1]; the {schedule!r} schedule with "
                              f"T={len(betas)} gives max {betas.max():.3g} (the linear schedule needs T >= 20)")
         self.schedule, self.prediction, self.learn_sigma = schedule, prediction, learn_sigma
-        self.fixed_variance = fixed_variance
+        self.fixed_variance, self.loss_type = fixed_variance, loss_type
         self._given = {"timesteps": timesteps, "betas": None if betas is None else betas.tolist(),
                        "timestep_map": None if timestep_map is None else np.asarray(timestep_map).tolist()}
         self.num_timesteps = T = len(betas)
@@ -234,7 +244,7 @@ class GaussianDiffusion:
         GaussianDiffusion(**d.config()) rebuild d (explicit betas and timestep_map as lists, when given)."""
         cfg = {"formulation": self.formulation, "schedule": self.schedule, "timesteps": int(self._given["timesteps"]),
                "prediction": self.prediction, "learn_sigma": bool(self.learn_sigma),
-               "fixed_variance": self.fixed_variance}
+               "fixed_variance": self.fixed_variance, "loss_type": self.loss_type}
         for key in ("betas", "timestep_map"):
             if self._given[key] is not None:
                 cfg[key] = self._given[key]
@@ -252,7 +262,7 @@ class GaussianDiffusion:
         ac = self.alphas_cumprod[kept]
         betas = 1.0 - ac / np.append(1.0, ac[:-1])
         return GaussianDiffusion(self.schedule, prediction=self.prediction, learn_sigma=self.learn_sigma,
-                                 fixed_variance=self.fixed_variance, betas=betas,
+                                 fixed_variance=self.fixed_variance, betas=betas, loss_type=self.loss_type,
                                  timestep_map=self.timestep_map[kept])
 
     def _table(self, name, device):
@@ -335,9 +345,16 @@ class GaussianDiffusion:
 
     # ----- training -----
 
+    def training_noise(self, shape, generator=None, device=None):
+        """(t, noise) for a training batch of `shape`, as training_losses draws them: t ~ U{0..T-1}, noise ~ N(0, I).
+        With one generator seeded per step, every process of a multi-process run draws the same global batch."""
+        t = torch.randint(0, self.num_timesteps, shape[:1], generator=generator, device=device)
+        return t, torch.randn(shape, generator=generator, device=device)
+
     def training_losses(self, model, x0, t=None, noise=None, model_kwargs=None):
-        """Per-sample losses: 'mse' (L_simple, DDPM Eq. 14) and, with learned sigma, 'vb' (L_vlb term in
-        bits/dim with the mean detached, so it trains only the variance: Improved DDPM L_hybrid Eq. 16)."""
+        """Per-sample losses: 'mse' (L_simple, DDPM Eq. 14; with loss_type 'l1' also 'l1', the mean absolute
+        error, which then replaces it in 'loss') and, with learned sigma, 'vb' (L_vlb term in bits/dim with the
+        mean detached, so it trains only the variance: Improved DDPM L_hybrid Eq. 16)."""
         model_kwargs = model_kwargs or {}
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
@@ -345,13 +362,15 @@ class GaussianDiffusion:
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, self._model_t(t), **model_kwargs)
         pred, var_values = self.split_output(out, x0.shape[1])
-        terms = {"mse": mean_flat((self.target(x0, noise, t) - pred.float()) ** 2)}
+        err = self.target(x0, noise, t) - pred.float()
+        terms = {"mse": mean_flat(err ** 2)}
+        if self.loss_type == "l1":
+            terms["l1"] = mean_flat(err.abs())
+        terms["loss"] = terms[self.loss_type.replace("l2", "mse")]
         if var_values is not None:
             frozen = torch.cat([pred.detach(), var_values], dim=1)
             terms["vb"] = self._vb_terms_bpd(frozen, x0, x_t, t)
-            terms["loss"] = terms["mse"] + terms["vb"]
-        else:
-            terms["loss"] = terms["mse"]
+            terms["loss"] = terms["loss"] + terms["vb"]
         return terms
 
     def _vb_terms_bpd(self, out, x0, x_t, t):
@@ -588,10 +607,12 @@ class EDM:
     learn_sigma = False
 
     def __init__(self, sigma_data=0.5, P_mean=-1.2, P_std=1.2, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-                 learn_sigma=False, formulation="edm"):
+                 learn_sigma=False, loss_type="l2", formulation="edm"):
         if formulation != "edm":
             raise ValueError(f"EDM is the 'edm' formulation, got formulation={formulation!r}")
         _no_learned_sigma(learn_sigma, "EDM")
+        _check_loss_type(loss_type)
+        self.loss_type = loss_type
         if not (sigma_data > 0 and P_std > 0 and rho > 0 and 0 < sigma_min < sigma_max):
             raise ValueError(f"EDM needs sigma_data, P_std, rho > 0 and 0 < sigma_min < sigma_max; got "
                              f"sigma_data={sigma_data}, P_std={P_std}, rho={rho}, sigma_min={sigma_min}, "
@@ -603,7 +624,7 @@ class EDM:
         """Constructor kwargs plus 'formulation' (JSON-serialisable); make_diffusion(**config()) rebuilds it."""
         return {"formulation": self.formulation, "sigma_data": self.sigma_data, "P_mean": self.P_mean,
                 "P_std": self.P_std, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho,
-                "learn_sigma": False}
+                "learn_sigma": False, "loss_type": self.loss_type}
 
     # ----- preconditioning (EDM Table 1) -----
 
@@ -639,17 +660,27 @@ class EDM:
 
     # ----- training -----
 
+    def training_noise(self, shape, generator=None, device=None):
+        """(sigma, noise) for a training batch of `shape`: ln sigma ~ N(P_mean, P_std^2), noise ~ N(0, I)."""
+        n = torch.randn(shape[:1], generator=generator, device=device)
+        return torch.exp(self.P_mean + self.P_std * n), torch.randn(shape, generator=generator, device=device)
+
     def training_losses(self, model, x0, sigma=None, noise=None, model_kwargs=None):
         """Per-sample EDM loss: sigma = exp(P_mean + P_std n) unless given (a float or (B,)),
-        'mse' = mean over dims of (D(x0 + sigma eps; sigma) - x0)^2, 'loss' = lambda(sigma) * mse."""
+        'mse' = mean over dims of (D(x0 + sigma eps; sigma) - x0)^2, 'loss' = lambda(sigma) * mse; with loss_type
+        'l1', 'l1' = mean |D - x0| and 'loss' = sqrt(lambda) * l1, the absolute error of F's effective target."""
         model_kwargs = model_kwargs or {}
         if sigma is None:
             sigma = torch.exp(self.P_mean + self.P_std * torch.randn((x0.shape[0],), device=x0.device))
         sigma = _per_sample(sigma, x0)
         noise = torch.randn_like(x0) if noise is None else noise
         x = x0 + _bcast(sigma, x0).to(x0.dtype) * noise
-        mse = mean_flat((self.denoise(model, x, sigma, **model_kwargs).float() - x0.float()) ** 2)
-        return {"loss": self.loss_weight(sigma).to(mse.dtype) * mse, "mse": mse}
+        err = self.denoise(model, x, sigma, **model_kwargs).float() - x0.float()
+        mse, weight = mean_flat(err ** 2), self.loss_weight(sigma).to(torch.float32)
+        if self.loss_type == "l1":
+            l1 = mean_flat(err.abs())
+            return {"loss": weight.sqrt() * l1, "mse": mse, "l1": l1}
+        return {"loss": weight * mse, "mse": mse}
 
     # ----- sampling (EDM Alg. 2) -----
 
@@ -743,10 +774,13 @@ class FlowMatching:
     T_SAMPLING = ("uniform", "logit_normal")
     learn_sigma = False
 
-    def __init__(self, t_sampling="uniform", logit_mean=0.0, logit_std=1.0, learn_sigma=False, formulation="flow"):
+    def __init__(self, t_sampling="uniform", logit_mean=0.0, logit_std=1.0, learn_sigma=False, loss_type="l2",
+                 formulation="flow"):
         if formulation != "flow":
             raise ValueError(f"FlowMatching is the 'flow' formulation, got formulation={formulation!r}")
         _no_learned_sigma(learn_sigma, "flow matching")
+        _check_loss_type(loss_type)
+        self.loss_type = loss_type
         if t_sampling not in self.T_SAMPLING:
             raise ValueError(f"unknown t_sampling {t_sampling!r}; choose one of {self.T_SAMPLING}")
         if not logit_std > 0:
@@ -756,7 +790,7 @@ class FlowMatching:
     def config(self):
         """Constructor kwargs plus 'formulation' (JSON-serialisable); make_diffusion(**config()) rebuilds it."""
         return {"formulation": self.formulation, "t_sampling": self.t_sampling, "logit_mean": self.logit_mean,
-                "logit_std": self.logit_std, "learn_sigma": False}
+                "logit_std": self.logit_std, "learn_sigma": False, "loss_type": self.loss_type}
 
     def network_t(self, t):
         """t in [0, 1] -> the network's time 999 t (float32): the DDPM index range, 999 = pure noise."""
@@ -777,15 +811,21 @@ class FlowMatching:
             v = torch.where(tb > 0, (x - x0) / tb.clamp(min=1e-12), v)
         return v
 
-    def sample_t(self, batch, device=None):
+    def sample_t(self, batch, device=None, generator=None):
         """Training times: U(0, 1) or logit-normal (SD3 §3.1)."""
         if self.t_sampling == "uniform":
-            return torch.rand((batch,), device=device)
-        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn((batch,), device=device))
+            return torch.rand((batch,), generator=generator, device=device)
+        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn((batch,), generator=generator,
+                                                                            device=device))
+
+    def training_noise(self, shape, generator=None, device=None):
+        """(t, noise) for a training batch of `shape`: t from sample_t, noise ~ N(0, I)."""
+        return self.sample_t(shape[0], device, generator), torch.randn(shape, generator=generator, device=device)
 
     def training_losses(self, model, x0, t=None, noise=None, model_kwargs=None):
         """Per-sample conditional flow matching loss: 'mse' = mean over dims of (v_theta(x_t, t) - (eps - x0))^2,
-        unweighted ('loss' = 'mse'; SD3's logit-normal weighting enters through the density of t)."""
+        unweighted ('loss' = 'mse'; SD3's logit-normal weighting enters through the density of t); loss_type 'l1':
+        'loss' = 'l1' = mean |v_theta - (eps - x0)|."""
         model_kwargs = model_kwargs or {}
         t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         t = _per_sample(t, x0)
@@ -793,7 +833,11 @@ class FlowMatching:
         tb = _bcast(t, x0)
         x_t = ((1 - tb) * x0 + tb * noise).to(x0.dtype)
         v = self.velocity(model, x_t, t, **model_kwargs)
-        mse = mean_flat((v.float() - (noise.float() - x0.float())) ** 2)
+        err = v.float() - (noise.float() - x0.float())
+        mse = mean_flat(err ** 2)
+        if self.loss_type == "l1":
+            l1 = mean_flat(err.abs())
+            return {"loss": l1, "mse": mse, "l1": l1}
         return {"loss": mse, "mse": mse}
 
     @torch.no_grad()

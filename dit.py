@@ -12,8 +12,8 @@ What implements which part of the paper:
   forward_with_cfg           §3.1 "Classifier-free guidance" in the official 3-channel form (App. A)
   MODELS                     §3.2 "Model size", Table 1: S/B/L/XL x patch 2/4/8, plus a CPU-sized DiT-Tiny
 The small primitives (timestep_embedding, PatchEmbed, unpatchify, Attention, Mlp, run_block, _check_inputs, ...)
-are written identically in dit.py, uvit.py and diffit.py, so each file stands alone and a diff between two
-backbones shows only what the papers change.
+are written identically in dit.py, uvit.py, diffit.py and genvit.py (each file has those it uses), so each
+file stands alone and a diff between two backbones shows only what the papers change.
 """
 import math
 from functools import partial
@@ -129,14 +129,15 @@ class Attention(nn.Module):
     attention="sdpa" calls F.scaled_dot_product_attention (fused kernels); "math" is the written-out reference
     softmax(q k^T / sqrt(head_dim)) v, the same maths."""
 
-    def __init__(self, dim, num_heads, qkv_bias=True, attention="sdpa"):
+    def __init__(self, dim, num_heads, qkv_bias=True, attention="sdpa", head_dim=None):
         super().__init__()
-        self.num_heads, self.head_dim, self.attention = num_heads, dim // num_heads, attention
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.num_heads, self.head_dim, self.attention = num_heads, head_dim or dim // num_heads, attention
+        inner = num_heads * self.head_dim  # = dim unless head_dim is given (GenViT's dim_head)
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim)
 
     def forward(self, x):  # (B, N, D)
-        B, N, D = x.shape
+        B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, N, head_dim)
         if self.attention == "sdpa":
@@ -144,7 +145,7 @@ class Attention(nn.Module):
         else:  # reference path: softmax(q k^T / sqrt(head_dim)) v
             attn = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, N, N)
             x = attn.softmax(dim=-1) @ v  # (B, H, N, head_dim)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        return self.proj(x.transpose(1, 2).reshape(B, N, -1))  # (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -202,16 +203,21 @@ def run_block(model, block, *args):
     return block(*args)
 
 
-def _check_inputs(model, x, t, y):
-    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)
-    and, for a class-conditional model, integer labels y (B,) in 0..num_classes - 1 or the null label."""
+def _check_image(model, x, t):
+    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)."""
     want = (model.in_channels, model.input_size, model.input_size)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
         raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
-    B = x.shape[0]
-    if not torch.is_tensor(t) or t.shape != (B,):
+    if not torch.is_tensor(t) or t.shape != (x.shape[0],):
         got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-        raise ValueError(f"t must be a tensor of shape ({B},), one timestep per sample, got {got}")
+        raise ValueError(f"t must be a tensor of shape ({x.shape[0]},), one timestep per sample, got {got}")
+
+
+def _check_inputs(model, x, t, y):
+    """_check_image, and for a class-conditional model integer labels y (B,) in 0..num_classes - 1 or the null
+    label."""
+    _check_image(model, x, t)
+    B = x.shape[0]
     if model.num_classes == 0:
         return  # unconditional: y is ignored
     rows = model.num_classes + (model.null_label is not None)  # label table rows, null label included
@@ -295,13 +301,14 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x, t, y=None):
-        """x (B, C, H, W), t (B,) DDPM indices (long or float), y (B,) labels -> (B, C_out, H, W); DiT Fig. 3."""
+    def forward(self, x, t, y=None, force_drop_ids=None):
+        """x (B, C, H, W), t (B,) DDPM indices (long or float), y (B,) labels -> (B, C_out, H, W); DiT Fig. 3.
+        force_drop_ids (B,) 0/1 drops exactly those labels instead of at random (DiT's LabelEmbedder argument)."""
         _check_inputs(self, x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)^2 tokens
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:  # unconditional models ignore y
-            c = c + self.y_embedder(y, self.training)  # (B, D): conditioning c = t_emb + y_emb
+            c = c + self.y_embedder(y, self.training, force_drop_ids)  # (B, D): conditioning c = t_emb + y_emb
         for block in self.blocks:
             x = run_block(self, block, x, c)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*p*C_out)

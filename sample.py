@@ -1,5 +1,5 @@
 """
-Sample from a train_cifar.py checkpoint or an official DiT / U-ViT / DiffiT release file: a PNG grid, and
+Sample from a train_cifar.py checkpoint or an official DiT / U-ViT / DiffiT / GenViT release file: a PNG grid, and
 optionally an .npz in the ADM evaluation format (arr_0 uint8 (N, H, W, 3), arr_1 int64 labels (N,) when
 class-conditional), with FID in the same pass.
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import fid
+import genvit  # convert_official: GenViT's released names and patch Linear -> ours
 from common import (RunError, atomic_write, autocast_forward, build_model, check_precision, check_writable,
                     first_line, generate, load_model, resolve_device, save_grid, validate_checkpoint)
 from diffusion import GaussianDiffusion, make_diffusion, power_cosine_guidance
@@ -32,7 +33,8 @@ DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++2m": 25}  # DiT's 250-step DDPM;
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
-    a("--ckpt", required=True, help="a train_cifar.py checkpoint, or an official DiT / U-ViT / DiffiT release file")
+    a("--ckpt", required=True,
+      help="a train_cifar.py checkpoint, or an official DiT / U-ViT / DiffiT / GenViT release file")
     a("--out", default=None, help="grid PNG path (default: next to the checkpoint)")
     a("--num-samples", type=int, default=64)
     a("--npz", default=None, help="also write all samples here in the ADM .npz format")
@@ -175,9 +177,26 @@ def recognise(sd, path, model_name=None):
                     diffusion=dict(schedule="scaled_linear" if discrete else "linear", learn_sigma=kw["learn_sigma"]),
                     defaults=dict(sampler="dpm++2m", steps=50, cfg_scale=cfg_scale, cfg_channels=None,
                                   cfg_label=f"{cfg_scale:g}"))
+    if "to_patch_embedding.1.weight" in sd or "denoise_fn.to_patch_embedding.1.weight" in sd:  # GenViT / HybViT
+        try:
+            sd = genvit.convert_official(sd)
+        except ValueError as e:
+            raise RunError(f"{path} looks like an official GenViT file but {e}") from None
+        hidden, C, p = sd["x_embedder.proj.weight"].shape[:3]
+        name, cfg = heads("genvit", hidden, p)
+        kw = dict(input_size=math.isqrt(sd["pos_embed"].shape[1] - 1) * p, patch_size=p, in_channels=C,
+                  hidden_size=hidden, depth=count("blocks."), num_heads=cfg["num_heads"],
+                  head_dim=sd["blocks.0.attn.qkv.weight"].shape[0] // (3 * cfg["num_heads"]),
+                  mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+                  num_classes=sd["cls_head.weight"].shape[0] if "cls_head.weight" in sd else 0)
+        # GenViT (gevit_main.py, diffusion.py): cosine schedule, 1000-step ancestral sampling with the clipped
+        # posterior variance, unconditional (no guidance)
+        return dict(backbone="genvit", model_name=name, model_kwargs=kw, time_offset=0, state_dict=sd,
+                    diffusion=dict(schedule="cosine", fixed_variance="small"),
+                    defaults=dict(sampler="ddpm", steps=1000, cfg_scale=1.0, cfg_channels=None, cfg_label=None))
     some = ", ".join(list(sd)[:4])
     raise RunError(f"{path} is not a train_cifar.py checkpoint, and its keys ({some}, ...) match no official "
-                   "DiT / U-ViT / DiffiT layout; pass one of those")
+                   "DiT / U-ViT / DiffiT / GenViT layout; pass one of those")
 
 
 def load_official(sd, path, args, device):
@@ -185,7 +204,7 @@ def load_official(sd, path, args, device):
     spec = recognise(sd, path, args.model)
     model = build_model(spec["backbone"], spec["model_name"], **spec["model_kwargs"])
     try:
-        model.load_state_dict(sd, strict=True)
+        model.load_state_dict(spec.get("state_dict", sd), strict=True)
     except RuntimeError as e:
         raise RunError(f"{path} looks like {spec['model_name']} but does not load into it "
                        f"({str(e).splitlines()[0][:140]}); pass --model NAME with the right config") from None
@@ -209,6 +228,8 @@ def grid_path(args):
 def prepare(args, device):
     """-> (model, diffusion, fwd, meta, decode) for the checkpoint; fills the sampling defaults into args."""
     raw = read_weights(args.ckpt)
+    if isinstance(raw, dict) and isinstance(raw.get("model_state_dict"), dict):  # GenViT's gevit_main.py files
+        raw = raw["model_state_dict"]
     if isinstance(raw, dict) and ("backbone" in raw or "model_kwargs" in raw):  # train_cifar.py
         validate_checkpoint(raw, args.ckpt)
         model, meta, spec = load_model(raw, args.ema, device, args.ckpt), raw["data"], None
@@ -224,7 +245,8 @@ def prepare(args, device):
         model, spec = load_official(raw, args.ckpt, args, device)
         kw = spec["model_kwargs"]
         pixels = kw["in_channels"] == 3  # U-ViT's only 32x32 pixel release is its CIFAR-10 model
-        meta = {"channels": kw["in_channels"], "image_size": kw["input_size"], "num_classes": kw["num_classes"],
+        classes = 0 if spec["backbone"] == "genvit" else kw["num_classes"]  # GenViT's head is a classifier's
+        meta = {"channels": kw["in_channels"], "image_size": kw["input_size"], "num_classes": classes,
                 "pixels": pixels, "dataset": "cifar10" if pixels and kw["input_size"] == 32 else "official"}
         diffusion, defaults = GaussianDiffusion(**spec["diffusion"]), spec["defaults"]
         head = f"official {spec['backbone']} release ({spec['model_name']} config)"

@@ -113,7 +113,7 @@ def test_dit_xl2_layout_is_recognised_without_model_flag():
 @pytest.mark.parametrize("problem, expect", [
     ("no_vae", "pass --vae"),
     ("vae_channels", "has 8 latent channels but the model makes 4"),
-    ("unknown_keys", "match no official DiT / U-ViT / DiffiT layout"),
+    ("unknown_keys", "match no official DiT / U-ViT / DiffiT / GenViT layout"),
     ("image_size", "--image-size 256: this model makes 8x8 latents"),
 ])
 def test_bad_official_inputs_are_one_line(tmp_path, tiny_vae, capsys, problem, expect):

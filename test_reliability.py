@@ -367,3 +367,16 @@ def test_a_killed_cifar_extraction_leaves_nothing_behind_next_time(tmp_path, mir
     (stale / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half")
     x, _ = data.load_cifar10(str(tmp_path / "d"))
     assert len(x) == 50 and sorted(os.listdir(tmp_path / "d")) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_checkpoints_from_before_loss_type_still_resume():
+    """A checkpoint recorded before loss_type / fixed_variance existed was trained with l2 and 'large': resuming it
+    with those values is accepted, with others refused naming the entry."""
+    old = {"diffusion": {"formulation": "ddpm", "schedule": "linear", "timesteps": 1000, "prediction": "eps",
+                         "learn_sigma": False}}
+    new = {**old["diffusion"], "loss_type": "l2", "fixed_variance": "large"}
+    common.check_compatible(old, {"diffusion": new}, "old.pt")
+    with pytest.raises(common.RunError, match=r"diffusion.loss_type 'l2' != 'l1'"):
+        common.check_compatible(old, {"diffusion": {**new, "loss_type": "l1"}}, "old.pt")
+    edm = {"diffusion": {"formulation": "edm", "sigma_data": 0.5}}  # no fixed_variance key for EDM
+    common.check_compatible(edm, {"diffusion": {**edm["diffusion"], "loss_type": "l2"}}, "old.pt")

@@ -13,6 +13,7 @@ import torch
 
 import diffit
 import dit
+import genvit
 import uvit
 
 REF = Path(__file__).resolve().parent / "reference"  # facts from the official code, see reference/README.md
@@ -445,17 +446,20 @@ def test_labels_out_of_range_or_float_raise_clear_errors():
 # ----- Primitives shared by the backbone files -----
 
 def test_backbone_primitives_identical():
-    """dit.py, uvit.py and diffit.py each stand alone, so they repeat small primitives; those must be the same
-    text in every file that has them, so that a diff of two backbones shows only what the papers differ in."""
+    """dit.py, uvit.py, diffit.py and genvit.py each stand alone, so they repeat small primitives; those must be the
+    same text in every file that has them, so that a diff of two backbones shows only what the papers differ in."""
     def src(module, name):
         return inspect.getsource(getattr(module, name))
 
-    for name in ("timestep_embedding", "PatchEmbed", "unpatchify", "Mlp", "run_block", "_check_inputs"):
+    for name in ("timestep_embedding", "_check_inputs"):
         assert src(dit, name) == src(uvit, name) == src(diffit, name), name
-    assert src(dit, "Attention") == src(uvit, "Attention")
+    for name in ("PatchEmbed", "unpatchify", "Mlp", "run_block", "_check_image"):
+        assert src(dit, name) == src(uvit, name) == src(diffit, name) == src(genvit, name), name
+    assert src(dit, "Attention") == src(uvit, "Attention") == src(genvit, "Attention")
     for name in ("TimestepEmbedder", "LabelEmbedder", "get_2d_sincos_pos_embed"):
         assert src(dit, name) == src(diffit, name), name
-    assert dit.ATTENTION_BACKENDS == uvit.ATTENTION_BACKENDS == diffit.ATTENTION_BACKENDS == ("sdpa", "math")
+    assert dit.ATTENTION_BACKENDS == uvit.ATTENTION_BACKENDS == diffit.ATTENTION_BACKENDS == \
+        genvit.ATTENTION_BACKENDS == ("sdpa", "math")
     models = (dit.DiT, uvit.UViT, diffit.ImageDiffiT, diffit.LatentDiffiT)
     assert len({inspect.getsource(m.null_label.fget) for m in models}) == 1
 
@@ -468,7 +472,7 @@ def test_backbone_primitives_identical():
 
 def test_backbones_stand_alone():
     """Each backbone file imports only torch and the standard library, never another project file."""
-    for module in (dit, uvit, diffit):
+    for module in (dit, uvit, diffit, genvit):
         tree = ast.parse(inspect.getsource(module))
         names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

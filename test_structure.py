@@ -11,7 +11,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = sorted(f for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith(("test_", "conftest")))
 PROJECT = {f[:-3] for f in SOURCES}
 SCRIPTS = {"train_cifar", "sample", "bench"}        # command-line programs; fid.py is a module with a CLI too
-BACKBONES = {"dit", "uvit", "diffit"}
+BACKBONES = {"dit", "uvit", "diffit", "genvit"}
 
 
 def project_imports(name):

@@ -219,7 +219,7 @@ def test_training_writes_checkpoints_logs_grids(baseline):
                                   "learn_sigma": True, "hidden_size": 32, "depth": 2, "num_heads": 2,
                                   "patch_size": 4}
     assert ck["diffusion"] == {"formulation": "ddpm", "schedule": "linear", "timesteps": 1000, "prediction": "eps",
-                               "learn_sigma": True}
+                               "learn_sigma": True, "loss_type": "l2", "fixed_variance": "large"}
     assert ck["args"]["lr"] == 1e-4 and ck["args"]["betas"] == [0.9, 0.999]  # DiT recipe
     assert set(ck["rng"]) == {"torch", "cuda", "numpy", "python"}
     assert torch.load(baseline / "ckpt_0000010.pt", weights_only=True)["step"] == 10

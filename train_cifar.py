@@ -1,9 +1,10 @@
 """
-Train a diffusion transformer (DiT, U-ViT, DiffiT) on CIFAR-10, an image folder or pre-extracted latents on
-one GPU (or the CPU) with each paper's recipe; resumable, with an EMA model, sample grids and logs.
+Train a diffusion transformer (DiT, U-ViT, DiffiT, GenViT) on CIFAR-10, an image folder or pre-extracted latents
+on one GPU (or the CPU) with each paper's recipe; resumable, with an EMA model, sample grids and logs.
 
   python train_cifar.py --backbone uvit                 # U-ViT-S/2, U-ViT's CIFAR-10 recipe (unconditional)
   python train_cifar.py --backbone dit --class-cond     # DiT-S/2, class-conditional with label dropout for CFG
+  python train_cifar.py --backbone genvit --hybvit      # HybViT: GenViT + its classifier, test accuracy logged
   python train_cifar.py --backbone dit --dataset folder --data-dir ~/pets --image-size 64 --model DiT-S/4
   python sample.py --ckpt runs/uvit-U-ViT-S-2-cifar10/latest.pt --num-samples 50000 --npz uvit.npz
 
@@ -26,12 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 import fid
-from common import (BACKBONES, LATENT_RECIPES, PIXEL_SAMPLING, RECIPES, Interrupted, RunError, StopOnSignal,
+from common import (BACKBONES, LATENT_RECIPES, RECIPE_DEFAULTS, RECIPES, Interrupted, RunError, StopOnSignal,
                     atomic_link, atomic_write, autocast_forward, build_model, check_compatible, check_dir,
                     check_precision, default_precision, generate, load_checkpoint, make_dir, plain, plot_losses,
                     remove_stale_temps, resolve_device, rng_state, save_checkpoint, save_grid, set_rng_state, to_uint8)
-from data import BatchIndices, LatentBatches, LatentFolder, get_batch, load_dataset
-from diffusion import FORMULATIONS, PREDICTIONS, SCHEDULES, make_diffusion
+from data import BatchIndices, LatentBatches, LatentFolder, get_batch, load_cifar10, load_dataset, random_crop
+from diffusion import FORMULATIONS, LOSS_TYPES, PREDICTIONS, SCHEDULES, make_diffusion
 from vae import latent_decoder
 
 # What 2 CPU cores train in about 30 minutes (measured: README, "What a CPU can do").
@@ -72,14 +73,27 @@ def parse_args(argv=None):
                                   "the latents' meta.json)")
     a("--class-dropout", type=float, default=0.1, help="label dropout probability for classifier-free guidance")
     a("--learn-sigma", action=argparse.BooleanOptionalAction, default=None, help="learned variance, hybrid loss")
-    a("--schedule", default=None, choices=SCHEDULES, help="default: the recipe's (linear; U-ViT latents: scaled_linear)")
+    a("--schedule", default=None, choices=SCHEDULES,
+      help="default: the recipe's (linear; U-ViT latents: scaled_linear; GenViT: cosine)")
     a("--prediction", default="eps", choices=PREDICTIONS, help="ddpm: what the network predicts")
+    a("--fixed-variance", default=None, choices=["large", "small"],
+      help="ddpm without --learn-sigma: sampling variance beta_t (large) or the posterior's (small, GenViT)")
+    a("--loss-type", default=None, choices=LOSS_TYPES, help="squared (l2) or absolute (l1, GenViT) error; "
+                                                            "default: the recipe's")
     a("--formulation", default=None, choices=FORMULATIONS,
       help="ddpm (discrete DDPM), edm (Karras et al. 2022) or flow (linear flow matching); default: the recipe's")
     for flag, typ in [("--steps", int), ("--batch-size", int), ("--lr", float), ("--weight-decay", float),
                       ("--warmup", int), ("--grad-clip", float), ("--ema-decay", float)]:
         a(flag, type=typ, default=None, help="default: the backbone's recipe")
     a("--betas", type=float, nargs=2, default=None, help="AdamW betas (default: the recipe's)")
+    a("--lr-schedule", default=None, choices=["constant", "cosine"],
+      help="after the linear warm-up: constant (DiT, U-ViT) or cosine decay to --min-lr (GenViT)")
+    a("--min-lr", type=float, default=None, help="cosine schedule: the first and last LR (GenViT: 1e-6)")
+    a("--hybvit", action="store_true", help="genvit: HybViT's joint objective, --px-weight x diffusion loss + "
+                                             "--ce-weight x cross-entropy of the classifier on another batch")
+    a("--px-weight", type=float, default=100.0, help="HybViT: weight of the diffusion loss (paper: 100)")
+    a("--ce-weight", type=float, default=1.0, help="HybViT: weight of the cross-entropy (paper: 1)")
+    a("--label-smoothing", type=float, default=0.1, help="HybViT: label smoothing of the cross-entropy")
     a("--seed", type=int, default=0)
     a("--precision", choices=["bf16", "fp16", "fp32"], default=None,
       help="default: bf16 on GPUs with it, else fp32 (on a CPU bf16 pays off only with AMX)")
@@ -103,11 +117,22 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.formulation not in (None, "ddpm") and args.learn_sigma is None:
         args.learn_sigma = False  # learned variances are DDPM's (Improved DDPM); EDM and flows have none
-    recipe = LATENT_RECIPES[args.backbone] if args.dataset == "latents" else {**RECIPES[args.backbone],
-                                                                              **PIXEL_SAMPLING}
+    recipe = {**RECIPE_DEFAULTS, **(LATENT_RECIPES if args.dataset == "latents" else RECIPES)[args.backbone]}
+    own_sampler = args.formulation in (None, recipe["formulation"])  # another formulation has other samplers
     for k, v in recipe.items():  # flags left unset take the backbone's recipe
-        if getattr(args, k) is None:
+        if getattr(args, k) is None and (own_sampler or k not in ("sampler", "sample_steps", "fixed_variance")):
             setattr(args, k, v)
+    if args.fixed_variance is None:
+        args.fixed_variance = RECIPE_DEFAULTS["fixed_variance"]
+    if args.backbone == "genvit" and args.class_cond:
+        p.error("GenViT's denoiser is unconditional (Yang et al. 2022): drop --class-cond; --hybvit trains its "
+                "classifier head on the labels")
+    if args.backbone == "genvit":
+        args.class_cond = False
+    if args.hybvit and args.backbone != "genvit":
+        p.error("--hybvit is HybViT's objective: it needs --backbone genvit")
+    if args.hybvit and args.dataset == "latents":
+        p.error("--hybvit trains a classifier on images: use --dataset cifar10 or folder")
     if args.keep_every is None:
         args.keep_every = 10 * args.ckpt_every
     samplers = make_diffusion(formulation=args.formulation).SAMPLERS
@@ -129,6 +154,9 @@ def parse_args(argv=None):
             (args.grad_clip >= 0, "--grad-clip must be >= 0 (0 = no clipping)"),
             (0 <= args.ema_decay < 1, "--ema-decay must be in [0, 1)"),
             (0 <= args.class_dropout <= 1, "--class-dropout must be in [0, 1]"),
+            (0 <= args.min_lr <= args.lr, "--min-lr must lie in [0, --lr]"),
+            (args.px_weight >= 0 and args.ce_weight >= 0, "--px-weight and --ce-weight must be >= 0"),
+            (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (args.image_size >= 1, "--image-size must be >= 1"), (args.warmup >= 0, "--warmup must be >= 0"),
             (min(args.log_every, args.ckpt_every) >= 1, "--log-every and --ckpt-every must be >= 1"),
             (min(args.sample_every, args.keep_every, args.fid_every) >= 0,
@@ -162,12 +190,21 @@ def load_data(args):
         # hold both flips' latents, picked at random per sample)
     if args.class_cond is None:
         args.class_cond = isinstance(x, LatentFolder) and bool(names)  # ImageNet latents: class-conditional
-    if args.class_cond and not names:
-        raise RunError(f"--class-cond needs labels: one sub-folder per class in {args.data_dir} "
-                       "(or labels in the latents file)")
+    for flag, on in (("--class-cond", args.class_cond), ("--hybvit", args.hybvit)):
+        if on and not names:
+            raise RunError(f"{flag} needs labels: one sub-folder per class in {args.data_dir} "
+                           "(or labels in the latents file)")
     kind = "memory-mapped moments" if isinstance(x, LatentFolder) else x.dtype
-    print(f"data: {args.dataset} {tuple(x.shape)} {kind}, {len(names) if args.class_cond else 'no'} classes")
-    return x, (y if args.class_cond else None), names
+    classes = len(names) if args.class_cond or args.hybvit else "no"
+    print(f"data: {args.dataset} {tuple(x.shape)} {kind}, {classes} classes")
+    return x, (y if args.class_cond or args.hybvit else None), names
+
+
+def load_test_set(args):
+    """HybViT's held-out images for the test accuracy: CIFAR-10's test split (None for other datasets)."""
+    if args.dataset != "cifar10" or not args.hybvit:
+        return None
+    return load_cifar10(args.data_dir, train=False, url=args.cifar_url)
 
 
 # ----- The log -----
@@ -309,11 +346,32 @@ def check_finite(run, window, weights_too=False):
 
 # ----- Training -----
 
-def train_step(fwd, diffusion, opt, scaler, params, x, y, grad_clip):
-    """One optimizer step on the hybrid / simple loss; returns (loss terms, grad norm before clipping)."""
+def learning_rate(args, step):
+    """LR of the optimizer step `step` (0-based). constant: linear warm-up to --lr, then --lr (DiT, U-ViT). cosine:
+    GenViT's utils/scheduler.py per step, warm-up from --min-lr to --lr over --warmup steps, then a half cosine
+    back to --min-lr at --steps."""
+    if args.lr_schedule == "cosine":
+        if step < args.warmup:
+            return args.min_lr + (args.lr - args.min_lr) * step / args.warmup
+        frac = min((step - args.warmup) / max(args.steps - args.warmup, 1), 1.0)
+        return args.min_lr + (args.lr - args.min_lr) * (1 + math.cos(math.pi * frac)) / 2
+    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+
+
+def train_step(fwd, diffusion, opt, scaler, params, x, y, grad_clip, joint=None):
+    """One optimizer step on the hybrid / simple loss; returns (loss terms, grad norm before clipping).
+    joint = (classify, x_cls, y_cls, px, pyx, smoothing) is HybViT's objective (Yang et al. 2022 §3.2):
+    px * diffusion loss + pyx * cross-entropy of classify(x_cls), adding the terms 'ce' and 'train_acc'."""
     terms = diffusion.training_losses(fwd, x, model_kwargs=None if y is None else {"y": y})
+    loss = terms["loss"].mean()
+    if joint is not None:
+        classify, x_cls, y_cls, px, pyx, smoothing = joint
+        logits = classify(x_cls).float()
+        terms["ce"] = torch.nn.functional.cross_entropy(logits, y_cls, label_smoothing=smoothing, reduction="none")
+        terms["train_acc"] = (logits.argmax(1) == y_cls).float()
+        loss = px * loss + pyx * terms["ce"].mean()
     opt.zero_grad(set_to_none=True)
-    scaler.scale(terms["loss"].mean()).backward()
+    scaler.scale(loss).backward()
     scaler.unscale_(opt)  # true gradients for the norm / clipping (a no-op unless fp16)
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else \
         torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])))
@@ -329,6 +387,19 @@ def update_ema(ema, model, decay):
     buffers = list(model.buffers())
     if buffers:
         torch._foreach_copy_(list(ema.buffers()), buffers)
+
+
+@torch.no_grad()
+def test_accuracy(model, images, labels, device, precision, batch_size=500):
+    """Top-1 accuracy (%) of model.classify on uint8 images (N, C, H, W) scaled to [-1, 1], in eval mode."""
+    was_training, correct = model.training, 0
+    model.eval()
+    classify = autocast_forward(model.classify, device, precision)
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device).float() / 127.5 - 1.0
+        correct += int((classify(x).argmax(1).cpu() == labels[i:i + batch_size]).sum())
+    model.train(was_training)
+    return 100.0 * correct / len(images)
 
 
 @torch.no_grad()
@@ -387,9 +458,10 @@ def evaluate(run, stop, evaluate_fid, log_path, records):
                    f"{args.sample_steps} steps, vs {args.fid_ref})")
 
 
-def train(run, data, labels, evaluate_fid=None):
-    """The training loop: step, EMA, logs every --log-every, grids / FID, checkpoints every --ckpt-every.
-    Returns False when a stop request ended it early (after saving a checkpoint)."""
+def train(run, data, labels, evaluate_fid=None, test_set=None):
+    """The training loop: step, EMA, logs every --log-every, grids / FID, checkpoints every --ckpt-every (with
+    HybViT's test accuracy when test_set = (images, labels) is given). Returns False when a stop request ended it
+    early (after saving a checkpoint)."""
     args, model, device = run.args, run.model, run.device
     log_path = os.path.join(run.out_dir, "log.jsonl")
     records = read_log(log_path, run.step)
@@ -402,17 +474,25 @@ def train(run, data, labels, evaluate_fid=None):
     batches = BatchIndices(len(data), args.batch_size, args.seed)
     fwd = autocast_forward(torch.compile(model) if args.compile else model, device, args.precision)
     params = list(model.parameters())
-    keys = ["loss", "mse", "vb"] if run.diffusion.learn_sigma else ["loss", "mse"]
+    keys = ["loss", "mse"] + ["vb"] * run.diffusion.learn_sigma + ["l1"] * (args.loss_type == "l1")
+    joint = None
+    if args.hybvit:  # the classifier's batches: their own order, flips and 4-pixel crops (the paper's base aug.)
+        cls_batches, keys = BatchIndices(len(data), args.batch_size, args.seed + 1), keys + ["ce", "train_acc"]
+        classify = autocast_forward(model.classify, device, args.precision)
     window, t_start, t_window, step_window = [], time.time(), time.time(), run.step
     model.train()
     bar = tqdm(total=args.steps, initial=run.step, desc=f"{args.backbone} {args.model}", dynamic_ncols=True)
     with bar, StopOnSignal() as stop:
         while run.step < args.steps and stop.signum is None:
-            lr = args.lr * min(1.0, (run.step + 1) / args.warmup) if args.warmup else args.lr  # linear warm-up
+            lr = learning_rate(args, run.step)
             for g in run.opt.param_groups:
                 g["lr"] = lr
             x, y = next_batch(batches(run.step))
-            terms, gnorm = train_step(fwd, run.diffusion, run.opt, run.scaler, params, x, y, args.grad_clip)
+            if args.hybvit:
+                x_cls, y_cls = get_batch(data, labels, cls_batches(run.step), args.flip)
+                joint = (classify, random_crop(x_cls, 4), y_cls, args.px_weight, args.ce_weight, args.label_smoothing)
+            terms, gnorm = train_step(fwd, run.diffusion, run.opt, run.scaler, params, x,
+                                      y if args.class_cond else None, args.grad_clip, joint)
             update_ema(run.ema, model, args.ema_decay)
             run.step += 1
             bar.update(1)
@@ -433,6 +513,11 @@ def train(run, data, labels, evaluate_fid=None):
                     evaluate(run, stop, evaluate_fid, log_path, records)
                 except Interrupted:  # the grid / FID of this step is dropped, the checkpoint below is not
                     pass
+            if test_set is not None and (run.step % args.ckpt_every == 0 or run.step == args.steps):
+                accs = [test_accuracy(m, *test_set, device, args.precision) for m in (model, run.ema)]
+                records.append({"step": run.step, "test_acc": accs[0], "test_acc_ema": accs[1]})
+                append_log(log_path, records[-1])
+                tqdm.write(f"step {run.step}: test accuracy {accs[0]:.2f}% (EMA {accs[1]:.2f}%)")
             if run.step % args.ckpt_every == 0 or run.step == args.steps or stop.signum is not None:
                 check_finite(run, window, weights_too=True)
                 run.save(run.elapsed + time.time() - t_start)
@@ -463,6 +548,7 @@ def setup(args):
     random.seed(args.seed)
     data, labels, names = load_data(args)
     num_classes = len(names) if args.class_cond else 0
+    test_set = load_test_set(args)
     meta = {"dataset": args.dataset, "image_size": args.image_size, "channels": data.shape[1],
             "num_classes": num_classes, "class_names": names if args.class_cond else [],
             "pixels": args.dataset != "latents"}
@@ -470,7 +556,8 @@ def setup(args):
         meta.update(vae=args.vae or data.meta.get("vae"), pixel_size=data.meta["image_size"])
     elif args.dataset == "latents":
         meta.update(vae=args.vae)
-    kwargs = {"input_size": args.image_size, "in_channels": data.shape[1], "num_classes": num_classes,
+    head = len(names) if args.backbone == "genvit" else num_classes  # GenViT: its classifier head's classes
+    kwargs = {"input_size": args.image_size, "in_channels": data.shape[1], "num_classes": head,
               "class_dropout_prob": args.class_dropout if args.class_cond else 0.0, "learn_sigma": args.learn_sigma,
               **args.model_arg}
     model = build_model(args.backbone, args.model, attention=args.attention, grad_checkpoint=args.grad_checkpoint,
@@ -479,10 +566,11 @@ def setup(args):
         raise RunError(f"the data are {data.shape[1]} x {data.shape[-1]} x {data.shape[-1]} but {args.model} was built "
                        f"for {model.in_channels} x {model.input_size} x {model.input_size}; drop the in_channels / "
                        "input_size override (they follow the data)")
-    recorded = {"formulation": args.formulation}  # what make_diffusion rebuilds it from (the checkpoint keeps it)
+    # what make_diffusion rebuilds it from (the checkpoint keeps it)
+    recorded = {"formulation": args.formulation, "loss_type": args.loss_type}
     if args.formulation == "ddpm":
         recorded.update(schedule=args.schedule, timesteps=1000, prediction=args.prediction,
-                        learn_sigma=args.learn_sigma)
+                        learn_sigma=args.learn_sigma, fixed_variance=args.fixed_variance)
     diffusion = make_diffusion(**recorded)
     config = {"backbone": args.backbone, "model_name": args.model, "model_kwargs": plain(kwargs), "data": meta,
               "diffusion": recorded}
@@ -497,13 +585,13 @@ def setup(args):
     run = Run(args, model, diffusion, meta, config, out_dir, device, decode=decode)
     if ckpt is not None:
         run.restore(ckpt, ckpt_path)
-    return run, data, labels, evaluate_fid
+    return run, data, labels, evaluate_fid, test_set
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run, data, labels, evaluate_fid = setup(args)
+        run, data, labels, evaluate_fid, test_set = setup(args)
         make_dir(run.out_dir, "--out-dir")
         for folder in (run.out_dir, os.path.join(run.out_dir, "samples")):
             removed = remove_stale_temps(folder)
@@ -514,7 +602,7 @@ def main(argv=None):
               f"{run.device}\nrun directory: {os.path.abspath(run.out_dir)}")
         config = json.dumps({"args": plain(vars(args)), "parameters": n_params, **run.config}, indent=1)
         atomic_write(os.path.join(run.out_dir, "config.json"), lambda f: f.write(config.encode()))
-        finished = train(run, data, labels, evaluate_fid)
+        finished = train(run, data, labels, evaluate_fid, test_set)
     except RunError as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, the last checkpoint stays as it was

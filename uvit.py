@@ -5,8 +5,8 @@ sequence for a plain pre-norm ViT. Long skip connections join shallow and deep b
 names and shapes follow the official baofff/U-ViT libs/uvit.py, so the released .pth state_dicts load with
 strict=True. The official ImageNet tables have 1001 rows; load them with num_classes=1000 and class_dropout_prob > 0.
 The small primitives (timestep_embedding, PatchEmbed, unpatchify, Attention, Mlp, run_block, _check_inputs, ...)
-are written identically in dit.py, uvit.py and diffit.py, so each file stands alone and a diff between two
-backbones shows only what the papers change.
+are written identically in dit.py, uvit.py, diffit.py and genvit.py (each file has those it uses), so each
+file stands alone and a diff between two backbones shows only what the papers change.
 """
 import math
 from functools import partial
@@ -61,14 +61,15 @@ class Attention(nn.Module):
     attention="sdpa" calls F.scaled_dot_product_attention (fused kernels); "math" is the written-out reference
     softmax(q k^T / sqrt(head_dim)) v, the same maths."""
 
-    def __init__(self, dim, num_heads, qkv_bias=True, attention="sdpa"):
+    def __init__(self, dim, num_heads, qkv_bias=True, attention="sdpa", head_dim=None):
         super().__init__()
-        self.num_heads, self.head_dim, self.attention = num_heads, dim // num_heads, attention
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.num_heads, self.head_dim, self.attention = num_heads, head_dim or dim // num_heads, attention
+        inner = num_heads * self.head_dim  # = dim unless head_dim is given (GenViT's dim_head)
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim)
 
     def forward(self, x):  # (B, N, D)
-        B, N, D = x.shape
+        B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, N, head_dim)
         if self.attention == "sdpa":
@@ -76,7 +77,7 @@ class Attention(nn.Module):
         else:  # reference path: softmax(q k^T / sqrt(head_dim)) v
             attn = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, N, N)
             x = attn.softmax(dim=-1) @ v  # (B, H, N, head_dim)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        return self.proj(x.transpose(1, 2).reshape(B, N, -1))  # (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -120,16 +121,21 @@ def run_block(model, block, *args):
     return block(*args)
 
 
-def _check_inputs(model, x, t, y):
-    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)
-    and, for a class-conditional model, integer labels y (B,) in 0..num_classes - 1 or the null label."""
+def _check_image(model, x, t):
+    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)."""
     want = (model.in_channels, model.input_size, model.input_size)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
         raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
-    B = x.shape[0]
-    if not torch.is_tensor(t) or t.shape != (B,):
+    if not torch.is_tensor(t) or t.shape != (x.shape[0],):
         got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-        raise ValueError(f"t must be a tensor of shape ({B},), one timestep per sample, got {got}")
+        raise ValueError(f"t must be a tensor of shape ({x.shape[0]},), one timestep per sample, got {got}")
+
+
+def _check_inputs(model, x, t, y):
+    """_check_image, and for a class-conditional model integer labels y (B,) in 0..num_classes - 1 or the null
+    label."""
+    _check_image(model, x, t)
+    B = x.shape[0]
     if model.num_classes == 0:
         return  # unconditional: y is ignored
     rows = model.num_classes + (model.null_label is not None)  # label table rows, null label included
@@ -214,14 +220,19 @@ class UViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def token_drop(self, labels):
+    def token_drop(self, labels, force_drop_ids=None):
         """CFG label dropout, as LabelEmbedder.token_drop in dit.py: each label becomes the null index num_classes
-        with probability class_dropout_prob. Our addition; the official code drops labels in its CFGDataset."""
-        drop = torch.rand(labels.shape[0], device=labels.device) < self.class_dropout_prob
+        with probability class_dropout_prob, or where force_drop_ids == 1. Our addition; the official code drops
+        labels in its CFGDataset."""
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.class_dropout_prob
+        else:
+            drop = force_drop_ids.to(labels.device) == 1
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, x, t, y=None):
-        """x (B, C, H, W), t (B,) DDPM index 0..999, y (B,) labels or None -> (B, C_out, H, W).
+    def forward(self, x, t, y=None, force_drop_ids=None):
+        """x (B, C, H, W), t (B,) DDPM index 0..999, y (B,) labels or None -> (B, C_out, H, W);
+        force_drop_ids (B,) 0/1 drops exactly those labels instead of at random (DiT's LabelEmbedder argument).
 
         The official CIFAR-10 model was trained in continuous VP-SDE time and fed t*999 as a float. Our shared
         diffusion module is discrete (T=1000) and feeds the integer index, which lies on the same 0..999 scale, so
@@ -231,8 +242,8 @@ class UViT(nn.Module):
         time_token = self.time_embed(timestep_embedding(t, self.hidden_size).to(x.dtype))  # (B, D)
         tokens = [time_token[:, None], x]
         if self.label_emb is not None:  # unconditional models ignore y
-            if self.training and self.class_dropout_prob > 0:
-                y = self.token_drop(y)  # drop only while training
+            if (self.training and self.class_dropout_prob > 0) or force_drop_ids is not None:
+                y = self.token_drop(y, force_drop_ids)  # drop only while training (or when forced)
             tokens.insert(0, self.label_emb(y)[:, None])  # label first: [label, time, patches]
         x = torch.cat(tokens, dim=1) + self.pos_embed  # (B, L, D), L = extras + N
         skips = []
