@@ -4,6 +4,7 @@ Benchmark the diffusion backbones: training-step and sampling throughput, peak m
   python bench.py --all                                   # the default CIFAR-10 model of each backbone
   python bench.py --backbone dit --model DiT-XL/2 --input-size 32 --in-channels 4 --no-train --no-sample
   python bench.py --backbone uvit --model U-ViT-S/2 --precision bf16 --compile --batch-size 128 --json out.json
+  python gpu_report.py gpu_report.json --data cifar10k.npz  # every GPU row of BENCHMARKS.md, one run (gpu_report.py)
 
 Training step = forward + GaussianDiffusion.training_losses + backward + AdamW step + EMA update (one
 torch._foreach_lerp_): one step of train_cifar.py without the data loading, on a fixed random batch.
@@ -42,7 +43,7 @@ import time
 import torch
 import torch.nn as nn
 
-from diffusion import SAMPLERS, GaussianDiffusion
+from diffusion import SAMPLERS, make_diffusion
 from common import BACKBONES, RECIPES, RunError, atomic_write, autocast_forward, check_writable, resolve_device
 from train_cifar import train_step, update_ema
 
@@ -50,11 +51,27 @@ from train_cifar import train_step, update_ema
 # registry defaults are the ImageNet latent ones, so they are overridden the same way train_cifar does).
 CIFAR = {b: (r["model"], dict(input_size=32, in_channels=3, num_classes=0, class_dropout_prob=0.0,
                               learn_sigma=r["learn_sigma"])) for b, r in RECIPES.items()}
-# Dense peak FLOP/s (no sparsity) by device-name pattern, from the vendors' datasheets; unknown devices get no MFU.
-PEAK_FLOPS = [(r"H100.*(HBM3|SXM)", dict(bf16=989e12, tf32=495e12, fp32=67e12)),
+# Dense peak FLOP/s (no sparsity) by device-name pattern, first match wins; unknown devices get no MFU. Sources,
+# the vendors' datasheets (* = the sheet gives only the 2:4-sparsity figure; dense is half of it):
+#   H100 SXM / PCIe / NVL: NVIDIA H100 Tensor Core GPU datasheet: bf16 1,979* / 1,513* / 1,671*, tf32 989* / 756* /
+#     835*, fp32 67 / 51 / 60 TFLOPS.  H200 SXM / NVL: NVIDIA H200 datasheet: the H100 SXM / NVL figures.
+#   A100 (SXM and PCIe, 40/80 GB): NVIDIA A100 datasheet: bf16 312, tf32 156, fp32 19.5.
+#   L40S: NVIDIA L40S datasheet: bf16 362, tf32 183 (dense figures given), fp32 91.6.  L40: NVIDIA L40 datasheet:
+#     bf16 362*, tf32 181*, fp32 90.5.  L4: NVIDIA L4 datasheet: bf16 242*, tf32 120*, fp32 30.3.
+#   A10: NVIDIA A10 datasheet: bf16 125, tf32 62.5, fp32 31.2.
+#   RTX 4090: NVIDIA Ada Lovelace GPU architecture whitepaper, appendix table: bf16 165.2 (fp32 accumulate, what
+#     torch's bf16 matmuls use), tf32 82.6, fp32 82.6.
+PEAK_FLOPS = [(r"H100 NVL", dict(bf16=835.5e12, tf32=417.5e12, fp32=60e12)),
+              (r"H100.*(HBM3|SXM)", dict(bf16=989e12, tf32=495e12, fp32=67e12)),
               (r"H100 PCIe", dict(bf16=756e12, tf32=378e12, fp32=51e12)),
-              (r"H200(?! NVL)", dict(bf16=989e12, tf32=495e12, fp32=67e12)),
-              (r"A100", dict(bf16=312e12, tf32=156e12, fp32=19.5e12))]
+              (r"H200 NVL", dict(bf16=835.5e12, tf32=417.5e12, fp32=60e12)),
+              (r"H200", dict(bf16=989e12, tf32=495e12, fp32=67e12)),
+              (r"A100", dict(bf16=312e12, tf32=156e12, fp32=19.5e12)),
+              (r"L40S", dict(bf16=362e12, tf32=183e12, fp32=91.6e12)),
+              (r"L40\b", dict(bf16=181e12, tf32=90.5e12, fp32=90.5e12)),
+              (r"\bL4\b", dict(bf16=121e12, tf32=60e12, fp32=30.3e12)),
+              (r"\bA10\b", dict(bf16=125e12, tf32=62.5e12, fp32=31.2e12)),  # not A100, not A10G (no datasheet)
+              (r"RTX 4090$", dict(bf16=165.2e12, tf32=82.6e12, fp32=82.6e12))]  # not the cut-down 4090 D
 
 
 # ----- FLOP counting -----
@@ -114,13 +131,28 @@ def model_stats(build, kwargs):
             print(f"note: meta-device FLOP count failed ({str(e).splitlines()[0][:120]}); counting on the CPU")
 
 
+def peak_flops_by_name(name, key):
+    """Dense peak FLOP/s of the device named `name` (torch.cuda.get_device_name), key bf16 / tf32 / fp32; or None."""
+    return next((table[key] for pattern, table in PEAK_FLOPS if re.search(pattern, name)), None)
+
+
 def peak_flops(device, precision):
     """Dense peak FLOP/s for this GPU and precision, or None (CPU, unknown device)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
     key = "bf16" if precision in ("bf16", "fp16") else "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
-    return next((table[key] for pattern, table in PEAK_FLOPS if re.search(pattern, name)), None)
+    return peak_flops_by_name(torch.cuda.get_device_name(device), key)
+
+
+def mfu(macs, images_per_s, peak, calls=3):
+    """Model FLOP utilisation: calls forward passes per image (training: 3, backward = 2 x forward) x forward MACs
+    x 2 FLOP/MAC x images/s over the dense peak; None without a peak."""
+    return calls * macs * 2 * images_per_s / peak if peak else None
+
+
+def sampler_nfe(sampler, steps):
+    """Network evaluations per image of a K-step sampler: EDM's Heun corrects every step but the last (2K - 1)."""
+    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 # ----- Timing and memory -----
@@ -207,8 +239,9 @@ def compile_failed(row, e):
     row["compile"] = "failed->eager"
 
 
-def bench_row(backbone, name, kwargs, args, device):
-    """Build one model and measure it; returns the JSON row."""
+def bench_row(backbone, name, kwargs, args, device, formulation="ddpm", compile_backend=None):
+    """Build one model and measure it with the `formulation`'s loss and sampler (diffusion.make_diffusion);
+    compile_backend: torch.compile's backend (None: its default, inductor). Returns the JSON row."""
     build = importlib.import_module(backbone).MODELS[name]
     try:
         macs, n_all, n_train = model_stats(build, kwargs)
@@ -223,11 +256,11 @@ def bench_row(backbone, name, kwargs, args, device):
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: XL models build in seconds on a GPU
         model = build(**kwargs)
-    diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma)
+    diffusion = make_diffusion(formulation, learn_sigma=model.learn_sigma)
     net = model
     if args.compile:
         try:
-            net = torch.compile(model)
+            net = torch.compile(model) if compile_backend is None else torch.compile(model, backend=compile_backend)
         except Exception as e:  # unsupported Python / platform fails at wrap time
             compile_failed(row, e)
     fwd = autocast_forward(net, device, args.precision)
@@ -252,9 +285,10 @@ def bench_row(backbone, name, kwargs, args, device):
         res = summary(times, args.batch_size)
         res["peak_memory_bytes"] = peak_memory(device)
         if cfg is not None:
-            res.update(sampler=args.sampler, sampler_steps=args.sample_steps, cfg_scale=args.cfg_scale if cfg else 1.0)
-        calls = 3 if cfg is None else (2 if cfg else 1) * args.sample_steps  # forward passes per image
-        res["mfu"] = calls * macs["total"] * 2 * res["images_per_s"] / peak if peak else None
+            res.update(sampler=args.sampler, sampler_steps=args.sample_steps, cfg_scale=args.cfg_scale if cfg else 1.0,
+                       nfe=sampler_nfe(args.sampler, args.sample_steps))
+        calls = 3 if cfg is None else (2 if cfg else 1) * sampler_nfe(args.sampler, args.sample_steps)  # per image
+        res["mfu"] = mfu(macs["total"], res["images_per_s"], peak, calls)
         row[key] = res
     return row
 
