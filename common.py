@@ -4,6 +4,7 @@ What the scripts (train_cifar.py, sample.py, bench.py) share, in one place they 
   RECIPES, LATENT_RECIPES                        each paper's training recipe, per backbone (pixels / latents)
   BACKBONES, build_model(backbone, name, **kw)   --backbone name -> module with a MODELS registry -> nn.Module
   resolve_device(name), check_precision(...)     --device / --precision checked before any long work
+  start_processes, Processes                     one process, or one per GPU / CPU under torchrun (DDP)
   save_checkpoint / load_checkpoint / check_compatible / load_model
                                                  checkpoint files: atomic writes, weights_only loads, resume checks
   atomic_write, atomic_link, remove_stale_temps, check_writable, check_dir, make_dir
@@ -16,6 +17,7 @@ What the scripts (train_cifar.py, sample.py, bench.py) share, in one place they 
 Library code: problems a user can fix raise RunError with a message that says what was wrong and what to do;
 only a script's main() turns it into the one-line error and exit code.
 """
+import datetime
 import importlib
 import json
 import math
@@ -147,6 +149,77 @@ def resolve_device(name=None):
     if device.type not in ("cpu", "cuda", "mps"):
         raise RunError(f"--device {name}: only cpu, cuda and mps are supported")
     return device
+
+
+# ----- Processes: one, or many under torchrun -----
+
+class Processes:
+    """This process's place in a run: rank and world size (0 and 1 without torchrun, with no process group), and
+    under torchrun a gloo group for host-side values (stop flags, gathered samples) that never syncs a GPU."""
+
+    def __init__(self, rank=0, world=1, host_group=None):
+        self.rank, self.world, self.host_group = rank, world, host_group
+
+    @property
+    def main(self):
+        """The one process that writes files, logs and prints progress."""
+        return self.rank == 0
+
+    def part(self, n):
+        """This process's slice of a global batch of n (n divisible by the world size), in rank order."""
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def any(self, flag):
+        """True on every process when `flag` is true on any (a stop request on one rank stops them all)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([int(bool(flag))])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
+        return bool(t.item())
+
+    def mean(self, tensor):
+        """The mean of a tensor over the processes (per-rank loss statistics -> the global batch's)."""
+        if self.world > 1:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+            tensor /= self.world
+        return tensor
+
+    def gather(self, obj):
+        """[obj of rank 0, ..., obj of rank world-1] on the main process, None on the others."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        torch.distributed.gather_object(obj, out, dst=0, group=self.host_group)
+        return out
+
+    def close(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def start_processes(device_name=None):
+    """-> (Processes, device). Under torchrun (WORLD_SIZE > 1) this joins the process group through torchrun's
+    rendezvous (its env:// variables): NCCL with one GPU per process (cuda:LOCAL_RANK) or gloo on CPUs. Without
+    torchrun nothing is initialised and the device is resolve_device(device_name)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world == 1:
+        return Processes(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise RunError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible; start at "
+                           "most one process per GPU (--nproc_per_node)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise RunError(f"torchrun runs on CUDA GPUs (NCCL) or CPUs (gloo), not {device.type}")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    host = torch.distributed.new_group(backend="gloo") if backend == "nccl" else torch.distributed.group.WORLD
+    return Processes(rank, world, host), device
 
 
 def default_precision(device):
@@ -444,22 +517,33 @@ def plot_losses(records, path, size=(800, 480)):
 
 def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, class_label=None, sampler="dpm++2m",
              steps=25, eta=0.0, cfg_scale=1.0, cfg_channels=None, null_label=None, seed=0, device="cpu",
-             progress=True, decode=None):
+             progress=True, decode=None, procs=None):
     """Yield (uint8 (n, C, H, W) CPU images, int64 labels or None) batches of samples. The initial noise and the
     labels come from a CPU generator (the same for a seed on any device); the per-step noise of ddpm / ddim with
     eta > 0 comes from a generator on the device. Labels: class_label, else uniform. decode maps samples to
-    images in [-1, 1] first (a VAE decoder for latent models)."""
+    images in [-1, 1] first (a VAE decoder for latent models). Under torchrun (procs) batch k is sampled by rank
+    k % world and every round of batches is gathered on the main process, which yields them in order (the others
+    yield nothing): the same samples, in the same order, as one process."""
+    procs = procs or Processes()
     gen = torch.Generator().manual_seed(seed)
     labels = None
     if num_classes:
         labels = torch.full((num_samples,), class_label) if class_label is not None \
             else torch.randint(num_classes, (num_samples,), generator=gen)
-    for i in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not progress):
+    starts = range(0, num_samples, batch_size)
+    mine = None
+    for k, i in enumerate(tqdm(starts, desc="sampling", disable=not progress or not procs.main)):
         n = min(batch_size, num_samples - i)
-        noise = torch.randn((n, *shape), generator=gen)
+        noise = torch.randn((n, *shape), generator=gen)  # drawn by every process: the generator stays in step
         y = None if labels is None else labels[i:i + n]
-        x = diffusion.sample(fwd, (n, *shape), sampler=sampler, steps=steps, eta=eta,
-                             model_kwargs=None if y is None else {"y": y.to(device)}, cfg_scale=cfg_scale,
-                             cfg_channels=cfg_channels, null_label=null_label, noise=noise, device=device,
-                             clip_denoised=decode is None, generator=torch.Generator(device).manual_seed(seed + i))
-        yield to_uint8(x if decode is None else decode(x)).cpu(), y
+        if k % procs.world == procs.rank:
+            x = diffusion.sample(fwd, (n, *shape), sampler=sampler, steps=steps, eta=eta,
+                                 model_kwargs=None if y is None else {"y": y.to(device)}, cfg_scale=cfg_scale,
+                                 cfg_channels=cfg_channels, null_label=null_label, noise=noise, device=device,
+                                 clip_denoised=decode is None, generator=torch.Generator(device).manual_seed(seed + i))
+            mine = (to_uint8(x if decode is None else decode(x)).cpu(), y)
+        if k % procs.world == procs.world - 1 or k == len(starts) - 1:  # a round done: batches in rank order
+            for batch in procs.gather(mine) or []:
+                if batch is not None:
+                    yield batch
+            mine = None

@@ -302,7 +302,9 @@ class LatentBatches:
                 self.moments[i:i + 65536] = torch.from_numpy(np.ascontiguousarray(store.moments[i:i + 65536]))
         self.labels = store.labels.to(self.device)
 
-    def __call__(self, indices, with_labels):
+    def __call__(self, indices, with_labels, flip=None, eps=None):
+        """z (and labels) of `indices`; flip (B,) in {0, 1} picks the stored flips and eps (B, C, h, w) is the
+        noise of the draw (both at random when not given)."""
         if self.on_device:
             m = self.moments[indices.to(self.device)]
         else:  # gather in index order from the map (sorted reads), then restore the batch order
@@ -313,10 +315,11 @@ class LatentBatches:
             if self.device.type == "cuda":
                 m = m.pin_memory().to(self.device, non_blocking=True)
         m = m.to(self.device).float()                                     # (B, 2, 2C, h, w)
-        flip = (torch.rand(len(m), device=self.device) < 0.5).long()    # which stored flip, per sample
-        m = m[torch.arange(len(m), device=self.device), flip]           # (B, 2C, h, w)
+        if flip is None:
+            flip = (torch.rand(len(m), device=self.device) < 0.5).long()  # which stored flip, per sample
+        m = m[torch.arange(len(m), device=self.device), flip.to(self.device)]  # (B, 2C, h, w)
         mean, logvar = m.chunk(2, dim=1)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        z = mean + torch.exp(0.5 * logvar) * (torch.randn_like(mean) if eps is None else eps.to(mean))
         return z * self.scale, (self.labels[indices.to(self.device)] if with_labels else None)
 
 
@@ -380,14 +383,14 @@ def random_crop(x, pad, fill=-1.0):
 
 def get_batch(data, labels, indices, flip):
     """Gather a batch on data's device, scale uint8 to [-1, 1], flip a random half horizontally (on the device,
-    with the global RNG, so a resumed run flips the same images)."""
+    with the global RNG, so a resumed run flips the same images). flip may also be a (B,) bool mask: flip those."""
     if data.device.type == "cuda":  # pinned + non_blocking: no host sync for the index copy
         idx = indices.pin_memory().to(data.device, non_blocking=True)
     else:
         idx = indices.to(data.device)
     x = data[idx]
     x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
-    if flip:
-        mask = torch.rand(len(x), device=x.device) < 0.5
+    if torch.is_tensor(flip) or flip:
+        mask = flip.to(x.device) if torch.is_tensor(flip) else torch.rand(len(x), device=x.device) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x, None if labels is None else labels[idx]

@@ -7,6 +7,7 @@ class-conditional), with FID in the same pass.
   python sample.py --ckpt runs/.../latest.pt --num-samples 50000 --npz uvit.npz --fid-ref cifar10-train
   python sample.py --ckpt runs/dit-DiT-S-2-cifar10-cond/latest.pt --cfg-scale 1.5 --class-label 3
   python sample.py --ckpt DiT-XL-2-256x256.pt --image-size 256 --vae sd-vae-ft-ema --class-label 207 --cfg-scale 4
+  torchrun --nproc_per_node 8 sample.py --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema --num-samples 50000 --npz x.npz
 
 A train_cifar.py checkpoint records its model; an official file is recognised by its keys and shapes and
 sampled with its paper's published settings (sampler, steps, guidance) unless flags override them. Latent
@@ -16,6 +17,7 @@ import argparse
 import importlib
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ import torch
 import fid
 import genvit  # convert_official: GenViT's released names and patch Linear -> ours
 from common import (RunError, atomic_write, autocast_forward, build_model, check_precision, check_writable,
-                    first_line, generate, load_model, resolve_device, save_grid, validate_checkpoint)
+                    first_line, generate, load_model, save_grid, start_processes, validate_checkpoint)
 from diffusion import GaussianDiffusion, make_diffusion, power_cosine_guidance
 from vae import latent_decoder, load_safetensors
 
@@ -277,8 +279,10 @@ def prepare(args, device):
     return model, diffusion, fwd, meta, decode
 
 
-def run(args):
-    device = resolve_device(args.device)
+def run(args, procs=None, device=None):
+    """Sample (under torchrun every process samples its share of the batches; the main one gathers and writes)."""
+    if procs is None:
+        procs, device = start_processes(args.device)
     check_precision(args.precision, device)
     model, diffusion, fwd, meta, decode = prepare(args, device)
     n_cls = meta["num_classes"]
@@ -304,7 +308,11 @@ def run(args):
     batches = generate(fwd, diffusion, shape, args.num_samples, args.batch_size, num_classes=n_cls,
                        class_label=args.class_label, sampler=args.sampler, steps=args.steps, eta=args.eta,
                        cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels, null_label=model.null_label,
-                       seed=args.seed, device=device, decode=decode)
+                       seed=args.seed, device=device, decode=decode, procs=procs)
+    if not procs.main:  # this process's share; the main process gathers the batches in order and writes
+        for _ in batches:
+            pass
+        return None
     out, labels = [], []
 
     def keep(batches):  # hold every batch for the grid / npz while FID streams through them
@@ -338,12 +346,19 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    procs = None
     try:
-        return run(args)
+        procs, device = start_processes(args.device)
+        if not procs.main:  # under torchrun one process reports
+            sys.stdout = open(os.devnull, "w")
+        return run(args, procs, device)
     except RunError as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
         raise SystemExit("interrupted; nothing was written (the grid and npz are written at the end)")
+    finally:
+        if procs is not None:
+            procs.close()
 
 
 if __name__ == "__main__":

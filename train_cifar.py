@@ -8,6 +8,9 @@ on one GPU (or the CPU) with each paper's recipe; resumable, with an EMA model, 
   python train_cifar.py --backbone dit --dataset folder --data-dir ~/pets --image-size 64 --model DiT-S/4
   python sample.py --ckpt runs/uvit-U-ViT-S-2-cifar10/latest.pt --num-samples 50000 --npz uvit.npz
 
+Many GPUs (or CPU processes): torchrun --nproc_per_node N train_cifar.py ... trains the same run with
+DistributedDataParallel; --batch-size stays the global batch (README, "Many GPUs").
+
 Rerunning the same command resumes from <out-dir>/latest.pt (--resume auto, the default). Everything a run
 writes goes into --out-dir: latest.pt, ckpt_XXXXXXX.pt, log.jsonl, loss.png, samples/step_XXXXXXX_ema.png.
 """
@@ -18,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -27,10 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 import fid
-from common import (BACKBONES, LATENT_RECIPES, RECIPE_DEFAULTS, RECIPES, Interrupted, RunError, StopOnSignal,
+from common import (BACKBONES, LATENT_RECIPES, RECIPE_DEFAULTS, RECIPES, Interrupted, Processes, RunError,
+                    StopOnSignal, start_processes,
                     atomic_link, atomic_write, autocast_forward, build_model, check_compatible, check_dir,
                     check_precision, default_precision, generate, load_checkpoint, make_dir, plain, plot_losses,
-                    remove_stale_temps, resolve_device, rng_state, save_checkpoint, save_grid, set_rng_state, to_uint8)
+                    remove_stale_temps, rng_state, save_checkpoint, save_grid, set_rng_state, to_uint8)
 from data import BatchIndices, LatentBatches, LatentFolder, get_batch, load_cifar10, load_dataset, random_crop
 from diffusion import FORMULATIONS, LOSS_TYPES, PREDICTIONS, SCHEDULES, make_diffusion
 from vae import latent_decoder
@@ -273,8 +278,10 @@ class Run:
     elapsed: float = 0.0          # seconds of training before this process
     last_good: Optional[tuple] = None  # (path, step) of the newest checkpoint written or resumed from
     decode: Optional[object] = None  # latents -> images in [-1, 1] (the VAE decoder), None for pixel runs
+    procs: Processes = None       # rank / world under torchrun (one process: rank 0 of 1)
 
     def __post_init__(self):
+        self.procs = self.procs or Processes()
         self.model.to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()  # EMA starts as a copy (DiT train.py)
         a = self.args
@@ -294,6 +301,8 @@ class Run:
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         self.step, self.elapsed, self.last_good = ckpt["step"], ckpt.get("elapsed", 0.0), (path, ckpt["step"])
+        if not self.procs.main:  # every rank resumes from the same file; only the main one writes
+            return
         print(f"resumed from {path} at step {self.step}")
         keep = self.kept_path()
         if path == self.latest and keep and not os.path.exists(keep):  # a kept copy an older version lost
@@ -306,7 +315,10 @@ class Run:
     def save(self, elapsed):
         """latest.pt (and, every --keep-every steps, ckpt_XXXXXXX.pt). The kept file is written first and
         latest.pt then linked to it, so a kill at any moment loses no kept checkpoint: until latest.pt moves
-        on, a resumed run repeats this step and writes it again."""
+        on, a resumed run repeats this step and writes it again. Under torchrun only the main process writes."""
+        if not self.procs.main:
+            self.last_good = (self.latest, self.step)
+            return
         state = {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                  "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "args": plain(vars(self.args)),
                  "rng": rng_state(), "elapsed": elapsed, **self.config}
@@ -358,11 +370,14 @@ def learning_rate(args, step):
     return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
 
 
-def train_step(fwd, diffusion, opt, scaler, params, x, y, grad_clip, joint=None):
+def train_step(fwd, diffusion, opt, scaler, params, x, y, grad_clip, joint=None, draws=None):
     """One optimizer step on the hybrid / simple loss; returns (loss terms, grad norm before clipping).
+    draws = (t, noise, force_drop_ids) fixes the step's randomness (else training_losses and the model draw it).
     joint = (classify, x_cls, y_cls, px, pyx, smoothing) is HybViT's objective (Yang et al. 2022 §3.2):
     px * diffusion loss + pyx * cross-entropy of classify(x_cls), adding the terms 'ce' and 'train_acc'."""
-    terms = diffusion.training_losses(fwd, x, model_kwargs=None if y is None else {"y": y})
+    t, noise, drop = draws or (None, None, None)
+    kwargs = {} if y is None else {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
+    terms = diffusion.training_losses(fwd, x, t, noise, model_kwargs=kwargs or None)
     loss = terms["loss"].mean()
     if joint is not None:
         classify, x_cls, y_cls, px, pyx, smoothing = joint
@@ -416,7 +431,7 @@ def sample_grid(fwd, run, path):
     save_grid(to_uint8(x if run.decode is None else run.decode(x)), path, nrow=8)
 
 
-def fid_evaluator(args, meta, diffusion, device, decode):
+def fid_evaluator(args, meta, diffusion, device, decode, procs=None):
     """fwd -> (FID, IS) of --fid-samples samples (decoded by the VAE for latent runs) vs --fid-ref. The Inception
     weights and reference statistics are loaded now, before training, so a missing file fails at once."""
     if not meta["pixels"] and decode is None:
@@ -429,10 +444,14 @@ def fid_evaluator(args, meta, diffusion, device, decode):
         raise RunError(f"cannot compute FID against {args.fid_ref!r}: {e}") from None
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
 
-    def evaluate(fwd):  # unguided samples, uniform labels when class-conditional
+    def evaluate(fwd):  # unguided samples, uniform labels when class-conditional; (None, None) off the main rank
         batches = generate(fwd, diffusion, shape, args.fid_samples, min(2 * args.batch_size, 256),
                            num_classes=meta["num_classes"], sampler=args.sampler, steps=args.sample_steps,
-                           seed=args.seed, device=device, progress=False, decode=decode)
+                           seed=args.seed, device=device, progress=False, decode=decode, procs=procs)
+        if procs is not None and not procs.main:
+            for _ in batches:  # this rank's share of the sampling; the main process gathers and scores
+                pass
+            return None, None
         return fid.fid_score((x for x, _ in batches), inception, ref, device, args.fid_samples)
     return evaluate
 
@@ -446,11 +465,15 @@ def evaluate(run, stop, evaluate_fid, log_path, records):
     if not (grid_due or fid_due):
         return
     check_finite(run, [], weights_too=True)  # never spend minutes sampling NaN weights
-    fwd = stop.guard(autocast_forward(run.ema, run.device, args.precision))
-    if grid_due:
+    fwd = autocast_forward(run.ema, run.device, args.precision)
+    if run.procs.world == 1:  # one process: a stop request abandons the grid / FID (many: all finish it together)
+        fwd = stop.guard(fwd)
+    if grid_due and run.procs.main:
         sample_grid(fwd, run, os.path.join(run.out_dir, "samples", f"step_{step:07d}_ema.png"))
     if fid_due:
-        score, is_mean = evaluate_fid(fwd)
+        score, is_mean = evaluate_fid(fwd)  # sampled by every process, scored by the main one
+        if not run.procs.main:
+            return
         records.append({"step": step, "fid": round(score, 4), "inception_score": is_mean,
                         "fid_samples": args.fid_samples, "sampler": f"{args.sampler}-{args.sample_steps}"})
         append_log(log_path, records[-1])
@@ -458,21 +481,45 @@ def evaluate(run, stop, evaluate_fid, log_path, records):
                    f"{args.sample_steps} steps, vs {args.fid_ref})")
 
 
+def step_draws(run, step, shape, with_labels, stored_latents):
+    """The randomness of a training step for the whole global batch, from one generator seeded by (seed, step):
+    flips (or the stored flip of latents), the latents' noise, t, the noise, label dropout. Every process draws
+    the same and takes its own part, so a run gives the same losses and weights for any number of processes."""
+    args, device = run.args, run.device
+    part = run.procs.part(args.batch_size)
+    g = torch.Generator(device).manual_seed(args.seed * 2 ** 32 + step)
+    B = args.batch_size
+    flip = torch.rand(B, generator=g, device=device)[part] < 0.5
+    eps_z = torch.randn((B, *shape), generator=g, device=device)[part] if stored_latents else None
+    t, noise = run.diffusion.training_noise((B, *shape), g, device)
+    drop = None
+    if with_labels and args.class_cond and args.class_dropout > 0:
+        drop = (torch.rand(B, generator=g, device=device)[part] < args.class_dropout).long()
+    return flip, eps_z, (t[part], noise[part], drop)
+
+
 def train(run, data, labels, evaluate_fid=None, test_set=None):
     """The training loop: step, EMA, logs every --log-every, grids / FID, checkpoints every --ckpt-every (with
-    HybViT's test accuracy when test_set = (images, labels) is given). Returns False when a stop request ended it
-    early (after saving a checkpoint)."""
-    args, model, device = run.args, run.model, run.device
+    HybViT's test accuracy when test_set = (images, labels) is given). Under torchrun every process trains on
+    its part of each global batch (DDP averages the gradients) and only the main one writes. Returns False when a
+    stop request ended it early (after saving a checkpoint)."""
+    args, model, device, procs = run.args, run.model, run.device, run.procs
     log_path = os.path.join(run.out_dir, "log.jsonl")
-    records = read_log(log_path, run.step)
+    records = read_log(log_path, run.step) if procs.main else []
+    shape = (run.meta["channels"], run.meta["image_size"], run.meta["image_size"])
     if isinstance(data, LatentFolder):  # moments memory-mapped: on the device if they fit, else streamed
         source = LatentBatches(data, device)
-        next_batch = lambda idx: source(idx, labels is not None)  # noqa: E731
+        next_batch = lambda idx, flip, eps: source(idx, labels is not None, flip.long(), eps)  # noqa: E731
     else:  # images (or a latents tensor): the whole set on the device, gathered by index
         data, labels = data.to(device), None if labels is None else labels.to(device)
-        next_batch = lambda idx: get_batch(data, labels, idx, args.flip)  # noqa: E731
+        next_batch = lambda idx, flip, eps: get_batch(data, labels, idx, flip if args.flip else False)  # noqa: E731
     batches = BatchIndices(len(data), args.batch_size, args.seed)
-    fwd = autocast_forward(torch.compile(model) if args.compile else model, device, args.precision)
+    net = model
+    if procs.world > 1:  # GenViT's classifier head gets no gradient from the diffusion loss alone
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=args.backbone == "genvit")
+    fwd = autocast_forward(torch.compile(net) if args.compile else net, device, args.precision)
     params = list(model.parameters())
     keys = ["loss", "mse"] + ["vb"] * run.diffusion.learn_sigma + ["l1"] * (args.loss_type == "l1")
     joint = None
@@ -481,34 +528,40 @@ def train(run, data, labels, evaluate_fid=None, test_set=None):
         classify = autocast_forward(model.classify, device, args.precision)
     window, t_start, t_window, step_window = [], time.time(), time.time(), run.step
     model.train()
-    bar = tqdm(total=args.steps, initial=run.step, desc=f"{args.backbone} {args.model}", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=run.step, desc=f"{args.backbone} {args.model}", dynamic_ncols=True,
+               disable=not procs.main)
     with bar, StopOnSignal() as stop:
-        while run.step < args.steps and stop.signum is None:
+        stopping = False
+        while run.step < args.steps and not stopping:
             lr = learning_rate(args, run.step)
             for g in run.opt.param_groups:
                 g["lr"] = lr
-            x, y = next_batch(batches(run.step))
+            flip, eps_z, draws = step_draws(run, run.step, shape, labels is not None, isinstance(data, LatentFolder))
+            x, y = next_batch(batches(run.step)[procs.part(args.batch_size)], flip, eps_z)
             if args.hybvit:
                 x_cls, y_cls = get_batch(data, labels, cls_batches(run.step), args.flip)
                 joint = (classify, random_crop(x_cls, 4), y_cls, args.px_weight, args.ce_weight, args.label_smoothing)
             terms, gnorm = train_step(fwd, run.diffusion, run.opt, run.scaler, params, x,
-                                      y if args.class_cond else None, args.grad_clip, joint)
+                                      y if args.class_cond else None, args.grad_clip, joint, draws)
             update_ema(run.ema, model, args.ema_decay)
             run.step += 1
             bar.update(1)
             window.append(torch.stack([terms[k].detach().float().mean() for k in keys] + [gnorm.float()]))
-            last = run.step == args.steps or stop.signum is not None
+            stopping = procs.any(stop.signum is not None)  # a signal on any process stops all at this step
+            last = run.step == args.steps or stopping
             if run.step % args.log_every == 0 or last:  # the only per-window host sync
+                window = list(procs.mean(torch.stack(window)))  # the global batch's statistics
                 check_finite(run, window)
                 now, vals = time.time(), torch.stack(window).mean(0).tolist()
                 ips = (run.step - step_window) * args.batch_size / max(now - t_window, 1e-9)
-                records.append({"step": run.step, **dict(zip(keys, vals)), "lr": lr, "grad_norm": vals[-1],
-                                "img_per_s": round(ips, 1), "elapsed": round(run.elapsed + now - t_start, 1)})
-                append_log(log_path, records[-1])
-                plot_losses(records, os.path.join(run.out_dir, "loss.png"))
+                if procs.main:
+                    records.append({"step": run.step, **dict(zip(keys, vals)), "lr": lr, "grad_norm": vals[-1],
+                                    "img_per_s": round(ips, 1), "elapsed": round(run.elapsed + now - t_start, 1)})
+                    append_log(log_path, records[-1])
+                    plot_losses(records, os.path.join(run.out_dir, "loss.png"))
                 bar.set_postfix(loss=f"{vals[0]:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
                 window, t_window, step_window = [], now, run.step
-            if stop.signum is None:
+            if not stopping:
                 try:
                     evaluate(run, stop, evaluate_fid, log_path, records)
                 except Interrupted:  # the grid / FID of this step is dropped, the checkpoint below is not
@@ -518,21 +571,30 @@ def train(run, data, labels, evaluate_fid=None, test_set=None):
                 records.append({"step": run.step, "test_acc": accs[0], "test_acc_ema": accs[1]})
                 append_log(log_path, records[-1])
                 tqdm.write(f"step {run.step}: test accuracy {accs[0]:.2f}% (EMA {accs[1]:.2f}%)")
-            if run.step % args.ckpt_every == 0 or run.step == args.steps or stop.signum is not None:
-                check_finite(run, window, weights_too=True)
+            stopping = stopping or (procs.world == 1 and stop.signum is not None)  # e.g. during the grid
+            if run.step % args.ckpt_every == 0 or run.step == args.steps or stopping:
+                check_finite(run, list(procs.mean(torch.stack(window))) if window else [], weights_too=True)
                 run.save(run.elapsed + time.time() - t_start)
     if run.step < args.steps:
         return False
     grids = ", samples/" if os.path.isdir(os.path.join(run.out_dir, "samples")) else ""
-    print(f"done: {run.step} steps; checkpoints, log.jsonl, loss.png{grids} are in {run.out_dir}")
+    if procs.main:
+        print(f"done: {run.step} steps; checkpoints, log.jsonl, loss.png{grids} are in {run.out_dir}")
     return True
 
 
-def setup(args):
-    """Everything checked and built before anything is written: -> (Run, data, labels, FID function or None)."""
+def setup(args, procs=None, device=None):
+    """Everything checked and built before anything is written: -> (Run, data, labels, FID function or None,
+    HybViT's test set or None). procs, device: from start_processes (default: one process on --device)."""
     out_dir = args.out_dir or default_out_dir(args)
     check_dir(out_dir, "--out-dir")  # before any download or model build
-    device = resolve_device(args.device)
+    if procs is None:
+        procs, device = start_processes(args.device)
+    if args.batch_size % procs.world:
+        raise RunError(f"--batch-size {args.batch_size} (the global batch) must be divisible by the {procs.world} "
+                       "processes")
+    if args.hybvit and procs.world > 1:
+        raise RunError("--hybvit runs in one process (its classifier pass is outside DDP's forward); drop torchrun")
     args.precision = args.precision or default_precision(device)
     check_precision(args.precision, device)
     if device.type == "cuda":
@@ -581,8 +643,8 @@ def setup(args):
         decode, _ = latent_decoder(meta["vae"], meta["channels"], meta["image_size"], device)
     elif not meta["pixels"] and args.sample_every:
         print("note: no VAE is known for these latents (--vae), so no sample grids are drawn")
-    evaluate_fid = fid_evaluator(args, meta, diffusion, device, decode) if args.fid_every else None
-    run = Run(args, model, diffusion, meta, config, out_dir, device, decode=decode)
+    evaluate_fid = fid_evaluator(args, meta, diffusion, device, decode, procs) if args.fid_every else None
+    run = Run(args, model, diffusion, meta, config, out_dir, device, decode=decode, procs=procs)
     if ckpt is not None:
         run.restore(ckpt, ckpt_path)
     return run, data, labels, evaluate_fid, test_set
@@ -590,8 +652,29 @@ def setup(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    procs = None
     try:
-        run, data, labels, evaluate_fid, test_set = setup(args)
+        procs, device = start_processes(args.device)
+        if not procs.main:  # under torchrun one process reports; the others' errors still reach stderr
+            sys.stdout = open(os.devnull, "w")
+        run, data, labels, evaluate_fid, test_set = setup(args, procs, device)
+        finished = run_main(run, data, labels, evaluate_fid, test_set)
+    except RunError as e:
+        raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, the last checkpoint stays as it was
+        raise SystemExit("stopped at once (second Ctrl-C); rerun the command to resume from the last checkpoint")
+    finally:
+        if procs is not None:
+            procs.close()
+    if not finished:
+        raise SystemExit(f"interrupted at step {run.step}; checkpoint saved to {run.latest}; rerun the command to "
+                         "resume")
+
+
+def run_main(run, data, labels, evaluate_fid, test_set):
+    """The main process prepares --out-dir (stale temporaries removed, config.json); then every process trains."""
+    args = run.args
+    if run.procs.main:
         make_dir(run.out_dir, "--out-dir")
         for folder in (run.out_dir, os.path.join(run.out_dir, "samples")):
             removed = remove_stale_temps(folder)
@@ -602,14 +685,7 @@ def main(argv=None):
               f"{run.device}\nrun directory: {os.path.abspath(run.out_dir)}")
         config = json.dumps({"args": plain(vars(args)), "parameters": n_params, **run.config}, indent=1)
         atomic_write(os.path.join(run.out_dir, "config.json"), lambda f: f.write(config.encode()))
-        finished = train(run, data, labels, evaluate_fid, test_set)
-    except RunError as e:
-        raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, the last checkpoint stays as it was
-        raise SystemExit("stopped at once (second Ctrl-C); rerun the command to resume from the last checkpoint")
-    if not finished:
-        raise SystemExit(f"interrupted at step {run.step}; checkpoint saved to {run.latest}; rerun the command to "
-                         "resume")
+    return train(run, data, labels, evaluate_fid, test_set)
 
 
 if __name__ == "__main__":
