@@ -44,7 +44,11 @@ import torch
 import torch.nn as nn
 
 from diffusion import SAMPLERS, make_diffusion
-from common import BACKBONES, RECIPES, RunError, atomic_write, autocast_forward, check_writable, resolve_device
+from backbones import BACKBONES
+from devices import autocast_forward, resolve_device
+from errors import RunError
+from files import atomic_write, check_writable
+from recipes import RECIPES
 from train_cifar import train_step, update_ema
 
 # What `train_cifar.py --backbone X` trains by default: the recipe's model, unconditional, 32x32x3 (DiT's

@@ -82,7 +82,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common import RunError, atomic_write, check_dir, first_line, make_dir, remove_stale_temps, resolve_device
+from devices import resolve_device
+from errors import RunError, first_line
+from files import atomic_write, check_dir, make_dir, remove_stale_temps
 from data import IMAGE_EXTENSIONS, _images_under, center_crop_resize
 from vae import load_vae
 

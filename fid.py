@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import RunError, atomic_write, first_line, remove_stale_temps, resolve_device
+from devices import resolve_device
+from errors import RunError, first_line
+from files import atomic_write, remove_stale_temps
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")

@@ -44,8 +44,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bench
-from common import (LATENT_RECIPES, RECIPES, RunError, atomic_write, autocast_forward, check_writable, first_line,
-                    resolve_device)
+from devices import autocast_forward, resolve_device
+from errors import RunError, first_line
+from files import atomic_write, check_writable
+from recipes import LATENT_RECIPES, RECIPES
 from data import BatchIndices, get_batch, load_cifar10
 from diffusion import make_diffusion
 from vae import SD_VAE_CONFIG, AutoencoderKL

@@ -24,8 +24,13 @@ import torch
 
 import fid
 import genvit  # convert_official: GenViT's released names and patch Linear -> ours
-from common import (RunError, atomic_write, autocast_forward, build_model, check_precision, check_writable,
-                    first_line, generate, load_model, save_grid, start_processes, validate_checkpoint)
+from backbones import build_model, load_model
+from checkpoints import validate_checkpoint
+from devices import autocast_forward, check_precision, start_processes
+from errors import RunError, first_line
+from files import atomic_write, check_writable
+from images import save_grid
+from sampling import generate
 from diffusion import GaussianDiffusion, make_diffusion, power_cosine_guidance
 from vae import latent_decoder, load_safetensors
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fid
-from common import RunError
+from errors import RunError
 
 REF_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "fid_inception_keys.json")
 

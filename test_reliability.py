@@ -18,7 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import checkpoints
+import errors
+import files
 import fid
 import sample
 import train_cifar
@@ -33,8 +35,8 @@ def snapshot(*folders):
     """{path: md5} of every file below the folders."""
     out = {}
     for folder in folders:
-        for root, _, files in os.walk(folder):
-            for f in files:
+        for root, _, names in os.walk(folder):
+            for f in names:
                 out[os.path.join(root, f)] = digest(os.path.join(root, f))
     return out
 
@@ -140,7 +142,7 @@ def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
              f"log.jsonl.tmp{os.getpid()}", "notes.tmp.txt"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
-    removed = common.remove_stale_temps(str(tmp_path))
+    removed = files.remove_stale_temps(str(tmp_path))
     assert removed == sorted(["ckpt_0000040.pt.tmp", f"ckpt_0000050.pt.tmp{pid}", f"latest.pt.tmp{pid}"])
     assert sorted(os.listdir(tmp_path)) == sorted([f"log.jsonl.tmp{os.getpid()}", "notes.tmp.txt"])  # live: kept
 
@@ -166,7 +168,7 @@ def test_log_is_rewritten_atomically(tmp_path, monkeypatch):
     log.write_text("".join(lines))
     real = os.replace
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
-    with pytest.raises(common.RunError, match="No space left"):
+    with pytest.raises(errors.RunError, match="No space left"):
         train_cifar.read_log(str(log), 50)
     monkeypatch.setattr(os, "replace", real)
     assert log.read_text() == "".join(lines) and os.listdir(tmp_path) == ["log.jsonl"]
@@ -254,8 +256,8 @@ def test_ckpt_every_alone_needs_no_keep_every():
 
 
 def test_gpu_recipe_on_a_cpu_prints_the_cpu_command(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_cifar, "load_data", lambda args: (_ for _ in ()).throw(common.RunError("stop here")))
-    with pytest.raises(common.RunError, match="stop here"):
+    monkeypatch.setattr(train_cifar, "load_data", lambda args: (_ for _ in ()).throw(errors.RunError("stop here")))
+    with pytest.raises(errors.RunError, match="stop here"):
         train_cifar.setup(train_cifar.parse_args(["--backbone", "uvit", "--device", "cpu"]))
     out = capsys.readouterr().out
     assert "paper's GPU recipe" in out and train_cifar.CPU_COMMAND in out
@@ -375,8 +377,8 @@ def test_checkpoints_from_before_loss_type_still_resume():
     old = {"diffusion": {"formulation": "ddpm", "schedule": "linear", "timesteps": 1000, "prediction": "eps",
                          "learn_sigma": False}}
     new = {**old["diffusion"], "loss_type": "l2", "fixed_variance": "large"}
-    common.check_compatible(old, {"diffusion": new}, "old.pt")
-    with pytest.raises(common.RunError, match=r"diffusion.loss_type 'l2' != 'l1'"):
-        common.check_compatible(old, {"diffusion": {**new, "loss_type": "l1"}}, "old.pt")
+    checkpoints.check_compatible(old, {"diffusion": new}, "old.pt")
+    with pytest.raises(errors.RunError, match=r"diffusion.loss_type 'l2' != 'l1'"):
+        checkpoints.check_compatible(old, {"diffusion": {**new, "loss_type": "l1"}}, "old.pt")
     edm = {"diffusion": {"formulation": "edm", "sigma_data": 0.5}}  # no fixed_variance key for EDM
-    common.check_compatible(edm, {"diffusion": {**edm["diffusion"], "loss_type": "l2"}}, "old.pt")
+    checkpoints.check_compatible(edm, {"diffusion": {**edm["diffusion"], "loss_type": "l2"}}, "old.pt")

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import backbones
+import images
 import data
 import sample
 import train_cifar
@@ -311,7 +312,7 @@ def test_recipes_are_the_papers_and_flags_override_them():
     assert train_cifar.parse_args(["--backbone", "diffit"]).model == "DiffiT-CIFAR"
     # the default U-ViT is the paper's CIFAR-10 U-ViT-S/2: 44,255,328 parameters (U-ViT Table 1; official libs/uvit.py count)
     with torch.device("meta"):
-        model = common.build_model("uvit", "U-ViT-S/2", input_size=32, in_channels=3, num_classes=0,
+        model = backbones.build_model("uvit", "U-ViT-S/2", input_size=32, in_channels=3, num_classes=0,
                                         class_dropout_prob=0.0, learn_sigma=False)
     assert sum(p.numel() for p in model.parameters()) == 44_255_328
 
@@ -349,7 +350,7 @@ def test_class_conditional_training_and_npz_labels(tmp_path, cifar_dir):
 
 def test_save_grid_places_images_row_major(tmp_path):
     imgs = torch.stack([torch.full((3, 2, 2), v, dtype=torch.uint8) for v in (10, 20, 30)])
-    common.save_grid(imgs, str(tmp_path / "g.png"), nrow=2, pad=1)
+    images.save_grid(imgs, str(tmp_path / "g.png"), nrow=2, pad=1)
     arr = image(tmp_path / "g.png")
     assert arr.shape == (1 + 2 * 3, 1 + 2 * 3, 3)
     assert arr[1, 1, 0] == 10 and arr[1, 4, 0] == 20 and arr[4, 1, 0] == 30     # row-major, pad 1

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import vae
 from conftest import randomized
-from common import RunError
+from errors import RunError
 from vae import AutoencoderKL, diffusers_to_ldm, ldm_to_diffusers, load_safetensors, load_vae, save_safetensors
 
 REF = Path(__file__).resolve().parent / "reference"  # facts from the official code, see reference/README.md

@@ -31,11 +31,15 @@ import torch
 from tqdm.auto import tqdm
 
 import fid
-from common import (BACKBONES, LATENT_RECIPES, RECIPE_DEFAULTS, RECIPES, Interrupted, Processes, RunError,
-                    StopOnSignal, start_processes,
-                    atomic_link, atomic_write, autocast_forward, build_model, check_compatible, check_dir,
-                    check_precision, default_precision, generate, load_checkpoint, make_dir, plain, plot_losses,
-                    remove_stale_temps, rng_state, save_checkpoint, save_grid, set_rng_state, to_uint8)
+from backbones import BACKBONES, build_model
+from checkpoints import check_compatible, load_checkpoint, plain, rng_state, save_checkpoint, set_rng_state
+from devices import Processes, autocast_forward, check_precision, default_precision, start_processes
+from errors import RunError
+from files import atomic_link, atomic_write, check_dir, make_dir, remove_stale_temps
+from images import plot_losses, save_grid, to_uint8
+from recipes import LATENT_RECIPES, RECIPES, RECIPE_DEFAULTS
+from runs import Interrupted, StopOnSignal
+from sampling import generate
 from data import BatchIndices, LatentBatches, LatentFolder, get_batch, load_cifar10, load_dataset, random_crop
 from diffusion import FORMULATIONS, LOSS_TYPES, PREDICTIONS, SCHEDULES, make_diffusion
 from vae import latent_decoder

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import RunError
+from errors import RunError
 
 ATTENTION_BACKENDS = ("sdpa", "math")
 # stabilityai/sd-vae-ft-{ema,mse} config.json (scaling_factor is absent there, so the class default applies)

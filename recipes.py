@@ -1,0 +1,58 @@
+"""Each paper's training recipe per backbone, on pixels (RECIPES) and on VAE latents (LATENT_RECIPES):
+train_cifar.py's defaults, and what bench.py measures."""
+
+# ----- Each paper's recipes (train_cifar.py's defaults; bench.py measures the same models) -----
+
+RECIPES = {
+    # DiT (Peebles & Xie §4 "Training"; facebookresearch/DiT train.py @ ed81ce2): AdamW lr 1e-4, wd 0, betas
+    # (0.9, 0.999), no warm-up, no clipping, EMA 0.9999, learn_sigma with the hybrid loss, linear schedule. Ours:
+    # DiT-S/2 (33M params, 256 tokens at 32x32x3) because it matches U-ViT-S/2 (44M, 256 tokens) in size; B/2 is
+    # 130M and ~4x the compute per step. Batch 128 on one GPU (official: 256 global). 500k steps = U-ViT's
+    # CIFAR-10 budget (DiT reports no CIFAR-10 run).
+    "dit": dict(model="DiT-S/2", steps=500_000, batch_size=128, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999),
+                warmup=0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True, formulation="ddpm"),
+    # U-ViT CIFAR-10 (Bao et al. App. B; baofff/U-ViT configs/cifar10_uvit_small.py @ ce55170): U-ViT-S/2, AdamW
+    # lr 2e-4, wd 0.03, betas (0.99, 0.999), batch 128, 2.5k warm-up then constant, 500k steps, EMA 0.9999,
+    # eps-prediction, no clipping. The official run is a continuous VP-SDE; here the discrete linear schedule.
+    "uvit": dict(model="U-ViT-S/2", steps=500_000, batch_size=128, lr=2e-4, weight_decay=0.03, betas=(0.99, 0.999),
+                 warmup=2500, grad_clip=0.0, ema_decay=0.9999, learn_sigma=False, formulation="ddpm"),
+    # DiffiT-CIFAR (DiffiT App. I.1): EDM training and EDM's Heun sampler (18 steps), Adam lr 1e-3, batch 512,
+    # 200k iterations; where the paper is silent, EDM's CIFAR-10 recipe (Karras et al. 2022, train.py defaults):
+    # lr ramp-up over 10 Mimg (19,531 steps at 512), EMA half-life 0.5 Mimg (decay 0.5^(512/500k) per step),
+    # dropout 0.13 (the DiffiT-CIFAR default). EDM trains 200 Mimg; the paper's 200k x 512 = 102.4 Mimg is kept.
+    "diffit": dict(model="DiffiT-CIFAR", steps=200_000, batch_size=512, lr=1e-3, weight_decay=0.0,
+                   betas=(0.9, 0.999), warmup=19_531, grad_clip=0.0, ema_decay=0.5 ** (512 / 500_000),
+                   learn_sigma=False, formulation="edm"),
+    # GenViT (Yang et al. 2022; sndnyang/Diffusion_ViT gevit_main.py, utils/scheduler.py, diffusion.py @ 84a4cfe):
+    # AdamW lr 1e-3, wd 0.05, batch 128, 500 epochs = 195k steps (390 per epoch), 10 warm-up epochs from 1e-6
+    # then cosine to 1e-6, per step; clip 1.0, EMA 0.999; cosine schedule, L1 eps loss, 1000-step ancestral
+    # sampling with the posterior ("small", clipped) variance. HybViT adds --hybvit (100 L_diff + CE).
+    "genvit": dict(model="GenViT-CIFAR", steps=195_000, batch_size=128, lr=1e-3, weight_decay=0.05,
+                   betas=(0.9, 0.999), warmup=3_900, grad_clip=1.0, ema_decay=0.999, learn_sigma=False,
+                   formulation="ddpm", schedule="cosine", loss_type="l1", lr_schedule="cosine", min_lr=1e-6,
+                   fixed_variance="small", sampler="ddpm", sample_steps=1000),
+}
+# On latents from extract_latents.py (256x256 images -> 4x32x32), each paper's ImageNet-256 recipe.
+LATENT_RECIPES = {
+    # DiT §4 / train.py: DiT-XL/2, AdamW lr 1e-4, no weight decay, global batch 256, EMA 0.9999, learned sigma,
+    # linear schedule; evaluated with 250-step DDPM. 400k steps = the paper's scaling-study length (XL/2: 7M).
+    "dit": dict(model="DiT-XL/2", steps=400_000, batch_size=256, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999),
+                warmup=0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True, schedule="linear", sampler="ddpm",
+                sample_steps=250, formulation="ddpm"),
+    # U-ViT Table / configs/imagenet256_uvit_huge.py: U-ViT-H/2, AdamW lr 2e-4, wd 0.03, betas (0.99, 0.99), batch
+    # 1024, 5k warm-up, 500k steps, EMA 0.9999, label dropout 0.1, the discrete scaled-linear schedule
+    # (train_ldm_discrete.py); DPM-Solver 50 steps.
+    "uvit": dict(model="U-ViT-H/2", steps=500_000, batch_size=1024, lr=2e-4, weight_decay=0.03, betas=(0.99, 0.99),
+                 warmup=5000, grad_clip=0.0, ema_decay=0.9999, learn_sigma=False, schedule="scaled_linear",
+                 sampler="dpm++2m", sample_steps=50, formulation="ddpm"),
+    # DiffiT App. I.2: DiffiT-XL/2, lr 3e-4, batch 256, EMA 0.9999, ADM's diffusion (linear, learned sigma); the
+    # optimizer and length are not stated: AdamW without weight decay (DiT's) and DiT's 400k steps are ours.
+    "diffit": dict(model="DiffiT-XL/2", steps=400_000, batch_size=256, lr=3e-4, weight_decay=0.0,
+                   betas=(0.9, 0.999), warmup=0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True,
+                   schedule="linear", sampler="ddpm", sample_steps=250,
+                   formulation="ddpm"),
+    # GenViT reports no latent model: its CIFAR-10 recipe and size on the 32x32x4 latents (patch 4: 64 tokens).
+    "genvit": RECIPES["genvit"],
+}
+# What a recipe leaves unset: DDPM's linear schedule, L2 loss, constant LR after the warm-up, ADM's 'large' variance.
+RECIPE_DEFAULTS = dict(schedule="linear", loss_type="l2", lr_schedule="constant", min_lr=0.0, fixed_variance="large")

@@ -1,0 +1,40 @@
+"""Batched sampling for grids, npz files and FID: seeded noise and labels, sharded across torchrun processes."""
+import torch
+from tqdm.auto import tqdm
+
+from devices import Processes
+from images import to_uint8
+
+
+def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, class_label=None, sampler="dpm++2m",
+             steps=25, eta=0.0, cfg_scale=1.0, cfg_channels=None, null_label=None, seed=0, device="cpu",
+             progress=True, decode=None, procs=None):
+    """Yield (uint8 (n, C, H, W) CPU images, int64 labels or None) batches of samples. The initial noise and the
+    labels come from a CPU generator (the same for a seed on any device); the per-step noise of ddpm / ddim with
+    eta > 0 comes from a generator on the device. Labels: class_label, else uniform. decode maps samples to
+    images in [-1, 1] first (a VAE decoder for latent models). Under torchrun (procs) batch k is sampled by rank
+    k % world and every round of batches is gathered on the main process, which yields them in order (the others
+    yield nothing): the same samples, in the same order, as one process."""
+    procs = procs or Processes()
+    gen = torch.Generator().manual_seed(seed)
+    labels = None
+    if num_classes:
+        labels = torch.full((num_samples,), class_label) if class_label is not None \
+            else torch.randint(num_classes, (num_samples,), generator=gen)
+    starts = range(0, num_samples, batch_size)
+    mine = None
+    for k, i in enumerate(tqdm(starts, desc="sampling", disable=not progress or not procs.main)):
+        n = min(batch_size, num_samples - i)
+        noise = torch.randn((n, *shape), generator=gen)  # drawn by every process: the generator stays in step
+        y = None if labels is None else labels[i:i + n]
+        if k % procs.world == procs.rank:
+            x = diffusion.sample(fwd, (n, *shape), sampler=sampler, steps=steps, eta=eta,
+                                 model_kwargs=None if y is None else {"y": y.to(device)}, cfg_scale=cfg_scale,
+                                 cfg_channels=cfg_channels, null_label=null_label, noise=noise, device=device,
+                                 clip_denoised=decode is None, generator=torch.Generator(device).manual_seed(seed + i))
+            mine = (to_uint8(x if decode is None else decode(x)).cpu(), y)
+        if k % procs.world == procs.world - 1 or k == len(starts) - 1:  # a round done: batches in rank order
+            for batch in procs.gather(mine) or []:
+                if batch is not None:
+                    yield batch
+            mine = None
