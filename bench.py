@@ -49,7 +49,7 @@ from devices import autocast_forward, resolve_device
 from errors import RunError
 from files import atomic_write, check_writable
 from recipes import RECIPES
-from train_cifar import train_step, update_ema
+from training import train_step, update_ema
 
 # What `train_cifar.py --backbone X` trains by default: the recipe's model, unconditional, 32x32x3 (DiT's
 # registry defaults are the ImageNet latent ones, so they are overridden the same way train_cifar does).
@@ -152,11 +152,6 @@ def mfu(macs, images_per_s, peak, calls=3):
     """Model FLOP utilisation: calls forward passes per image (training: 3, backward = 2 x forward) x forward MACs
     x 2 FLOP/MAC x images/s over the dense peak; None without a peak."""
     return calls * macs * 2 * images_per_s / peak if peak else None
-
-
-def sampler_nfe(sampler, steps):
-    """Network evaluations per image of a K-step sampler: EDM's Heun corrects every step but the last (2K - 1)."""
-    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 # ----- Timing and memory -----
@@ -290,8 +285,8 @@ def bench_row(backbone, name, kwargs, args, device, formulation="ddpm", compile_
         res["peak_memory_bytes"] = peak_memory(device)
         if cfg is not None:
             res.update(sampler=args.sampler, sampler_steps=args.sample_steps, cfg_scale=args.cfg_scale if cfg else 1.0,
-                       nfe=sampler_nfe(args.sampler, args.sample_steps))
-        calls = 3 if cfg is None else (2 if cfg else 1) * sampler_nfe(args.sampler, args.sample_steps)  # per image
+                       nfe=diffusion.nfe(args.sampler, args.sample_steps))
+        calls = 3 if cfg is None else (2 if cfg else 1) * diffusion.nfe(args.sampler, args.sample_steps)  # per image
         res["mfu"] = mfu(macs["total"], res["images_per_s"], peak, calls)
         row[key] = res
     return row

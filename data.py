@@ -10,6 +10,7 @@ index on the device with no DataLoader.
   load_dataset(name, data_dir, image_size)          -> one of the above as (x, labels or None, class names)
   BatchIndices(n, batch_size, seed)(step)           -> (batch_size,) int64 indices for that step
   get_batch(data, labels, indices, flip)            -> (float batch in [-1, 1], labels or None)
+  Batches(x, labels, batch_size, seed, device)(step, flip)  a run's batch of a step, for one of its processes
 
 CIFAR-10 file facts (URL, size, md5, pickle layout): https://www.cs.toronto.edu/~kriz/cifar.html
 """
@@ -394,3 +395,25 @@ def get_batch(data, labels, indices, flip):
         mask = flip.to(x.device) if torch.is_tensor(flip) else torch.rand(len(x), device=x.device) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x, None if labels is None else labels[idx]
+
+
+class Batches:
+    """A run's training batches: step s takes BatchIndices(s) and this process's `part` of them, on the device.
+    Images (or a latents tensor) live on the device whole and are flipped where the step's draw says (when `flip`);
+    a LatentFolder takes the drawn stored flip and latent noise (LatentBatches)."""
+
+    def __init__(self, x, labels, batch_size, seed, device, flip=True, part=slice(None)):
+        self.indices, self.part, self.flip = BatchIndices(len(x), batch_size, seed), part, flip
+        self.shape = (batch_size, *x.shape[1:])  # the global batch
+        self.latents = isinstance(x, LatentFolder)
+        if self.latents:  # moments memory-mapped: on the device if they fit, else streamed
+            self.source, self.with_labels = LatentBatches(x, device), labels is not None
+        else:
+            self.x, self.labels = x.to(device), None if labels is None else labels.to(device)
+
+    def __call__(self, step, flip, latent_noise=None):
+        """(x, labels or None) of step `step`; flip (b,) bool and latent_noise: this process's part of its draws."""
+        idx = self.indices(step)[self.part]
+        if self.latents:
+            return self.source(idx, self.with_labels, flip.long(), latent_noise)
+        return get_batch(self.x, self.labels, idx, flip if self.flip else False)

@@ -67,6 +67,14 @@ class Processes:
         torch.distributed.gather_object(obj, out, dst=0, group=self.host_group)
         return out
 
+    def wrap(self, model, device, find_unused_parameters=False):
+        """model itself in one process; under torchrun DistributedDataParallel (its backward averages the
+        gradients over the processes)."""
+        if self.world == 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                         else None, find_unused_parameters=find_unused_parameters)
+
     def close(self):
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -9,10 +9,12 @@ Eqs. 3-8):
 - LatentDiffiT: the isotropic latent ViT with global TMSA (§3.2 "Latent Space", App. H.2). It matches the
   state_dict layout of the official NVlabs/DiffiT release (`Diffit`: depth 28, 561,330,144 parameters at input 32),
   so the released weights load with strict=True.
-Both follow the project backbone interface: forward(x, t, y=None) with t the integer DDPM timestep in 0..T-1.
-The small primitives (timestep_embedding, PatchEmbed, unpatchify, Mlp, run_block, _check_inputs, ...) are written
-identically in dit.py, uvit.py, diffit.py and genvit.py (each file has those it uses), so each file stands alone
-and a diff between two backbones shows only what the papers change.
+Both follow README "The backbone contract": forward(x, t, y=None, force_drop_ids=None) with t the network time of
+the formulation they are trained with (the DDPM index 0..999, EDM's c_noise = ln(sigma)/4, or 999 t of flow
+matching); classifier-free guidance is diffusion.classifier_free_guidance.
+The small primitives (timestep_embedding, PatchEmbed, unpatchify, Mlp, run_block, ...) are written identically in
+dit.py, uvit.py, diffit.py and genvit.py (each file has those it uses), so each file stands alone and a diff
+between two backbones shows only what the papers change.
 """
 import math
 from functools import partial
@@ -233,38 +235,6 @@ def run_block(model, block, *args):
     return block(*args)
 
 
-def _check_image(model, x, t):
-    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)."""
-    want = (model.in_channels, model.input_size, model.input_size)
-    if x.ndim != 4 or tuple(x.shape[1:]) != want:
-        raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
-    if not torch.is_tensor(t) or t.shape != (x.shape[0],):
-        got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-        raise ValueError(f"t must be a tensor of shape ({x.shape[0]},), one timestep per sample, got {got}")
-
-
-def _check_inputs(model, x, t, y):
-    """_check_image, and for a class-conditional model integer labels y (B,) in 0..num_classes - 1 or the null
-    label."""
-    _check_image(model, x, t)
-    B = x.shape[0]
-    if model.num_classes == 0:
-        return  # unconditional: y is ignored
-    rows = model.num_classes + (model.null_label is not None)  # label table rows, null label included
-    if y is None:
-        raise ValueError(f"class-conditional model: pass y of shape ({B},) with labels in 0..{rows - 1} "
-                         f"(null label {model.null_label})")
-    if not torch.is_tensor(y) or y.shape != (B,) or y.dtype.is_floating_point or y.dtype.is_complex:
-        got = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
-        raise ValueError(f"y must be an integer tensor of shape ({B},), got {got}")
-    # Range check on CPU tensors only: on a GPU, int(y.min()) would sync the device every step. Skipped while
-    # torch.compile traces: the Python ints would break the graph.
-    if y.device.type == "cpu" and B and not torch.compiler.is_compiling():
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= rows:
-            raise ValueError(f"labels must lie in 0..{rows - 1} (null label {model.null_label}), got min {lo} max {hi}")
-
-
 def _init_common(model):
     """Official `_initialize_weights`: xavier_uniform Linear weights with zero biases, trunc-normal(0.02) bias
     tables, normal(0.02) time-MLP weights and label table."""
@@ -310,8 +280,9 @@ class ImageDiffiT(nn.Module):
     level (encoder and decoder); depth, if given, sets every level to `depth` blocks (4 = App. H.1's reading);
     num_heads, if given, fixes the heads at every level, else channels // head_dim; patch_size must be 1 (tokens
     are the pixels of each resolution). Attributes: depth = total ResBlocks, num_heads = heads at level 0.
-    The paper trains this model with EDM (c_noise = ln(sigma)/4 as time input); our diffusion module is discrete
-    DDPM only, so the time input here is the integer DDPM index t (EDM's augmentation labels are not modelled).
+    The paper trains this model with EDM, and so does train_cifar.py by default: t is then EDM's c_noise =
+    ln(sigma)/4 (EDM Table 1); under DDPM the index 0..999, under flow matching 999 t. EDM's augmentation labels
+    are not modelled.
     ★ ours (paper silent): head_dim 32, concat + 1x1 conv skip merge, nearest x2 + Conv3x3 upsampling, GroupNorm
     32 groups, dropout on the conv branch (0.13 CIFAR / 0.05 FFHQ, EDM's rates), sinusoid of hidden_size dims,
     LayerNorm without affine (as the latent code), zero-initialised head (output exactly 0 at init)."""
@@ -351,7 +322,7 @@ class ImageDiffiT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.hidden_size, self.depth, self.num_heads = hidden_size, 2 * sum(num_blocks) - num_blocks[-1], heads[0]
         self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
-        self.attention, self.grad_checkpoint = attention, grad_checkpoint
+        self.class_cond, self.attention, self.grad_checkpoint = num_classes > 0, attention, grad_checkpoint
         self.num_blocks, self.window_sizes = num_blocks, wins
 
         self.t_embedder = TimestepEmbedder(temb_dim, frequency_embedding_size or hidden_size)
@@ -384,9 +355,8 @@ class ImageDiffiT(nn.Module):
         nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, x, t, y=None, force_drop_ids=None):
-        """x (B, C, H, W), t (B,) integer DDPM timesteps, y (B,) labels or None -> (B, C_out, H, W);
+        """x (B, C, H, W), t (B,) network time (float or integer), y (B,) labels or None -> (B, C_out, H, W);
         force_drop_ids (B,) 0/1 drops exactly those labels instead of at random (DiT's LabelEmbedder argument)."""
-        _check_inputs(self, x, t, y)
         c = self.t_embedder(t)  # (B, temb_dim) time token shared by every TMSA
         if self.y_embedder is not None:  # unconditional models ignore y
             c = c + self.y_embedder(y, self.training, force_drop_ids)  # (B, temb_dim): c = t_emb + y_emb
@@ -449,7 +419,7 @@ class LatentDiffiT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
-        self.attention, self.grad_checkpoint = attention, grad_checkpoint
+        self.class_cond, self.attention, self.grad_checkpoint = num_classes > 0, attention, grad_checkpoint
         self.grid_size = input_size // patch_size  # TMSA window = whole grid -> global attention (official comment)
 
         # registration order = official state_dict order
@@ -479,9 +449,8 @@ class LatentDiffiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, x, t, y=None, force_drop_ids=None):
-        """x (B, C, H, W) latents, t (B,) integer DDPM timesteps, y (B,) labels or None -> (B, C_out, H, W);
+        """x (B, C, H, W) latents, t (B,) network time, y (B,) labels or None -> (B, C_out, H, W);
         force_drop_ids (B,) 0/1 drops exactly those labels instead of at random (DiT's LabelEmbedder argument)."""
-        _check_inputs(self, x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)^2 tokens
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:  # unconditional models ignore y

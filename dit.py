@@ -9,11 +9,12 @@ What implements which part of the paper:
   LabelEmbedder              class embedding; the extra null row implements label dropout for CFG (§3.1)
   DiTBlock                   §3.2 "DiT block design": the adaLN-Zero block (Fig. 3, right)
   FinalLayer + unpatchify    §3.2 "Transformer decoder": adaLN + linear to p*p*2C, rearranged to (2C, H, W)
-  forward_with_cfg           §3.1 "Classifier-free guidance" in the official 3-channel form (App. A)
   MODELS                     §3.2 "Model size", Table 1: S/B/L/XL x patch 2/4/8, plus a CPU-sized DiT-Tiny
-The small primitives (timestep_embedding, PatchEmbed, unpatchify, Attention, Mlp, run_block, _check_inputs, ...)
-are written identically in dit.py, uvit.py, diffit.py and genvit.py (each file has those it uses), so each
-file stands alone and a diff between two backbones shows only what the papers change.
+Classifier-free guidance (§3.1), the official 3-channel form included, is diffusion.classifier_free_guidance with
+cfg_channels=3: one guidance path for every backbone. The forward follows README "The backbone contract".
+The small primitives (timestep_embedding, PatchEmbed, unpatchify, Attention, Mlp, run_block, ...) are written
+identically in dit.py, uvit.py, diffit.py and genvit.py (each file has those it uses), so each file stands alone
+and a diff between two backbones shows only what the papers change.
 """
 import math
 from functools import partial
@@ -203,38 +204,6 @@ def run_block(model, block, *args):
     return block(*args)
 
 
-def _check_image(model, x, t):
-    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)."""
-    want = (model.in_channels, model.input_size, model.input_size)
-    if x.ndim != 4 or tuple(x.shape[1:]) != want:
-        raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
-    if not torch.is_tensor(t) or t.shape != (x.shape[0],):
-        got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-        raise ValueError(f"t must be a tensor of shape ({x.shape[0]},), one timestep per sample, got {got}")
-
-
-def _check_inputs(model, x, t, y):
-    """_check_image, and for a class-conditional model integer labels y (B,) in 0..num_classes - 1 or the null
-    label."""
-    _check_image(model, x, t)
-    B = x.shape[0]
-    if model.num_classes == 0:
-        return  # unconditional: y is ignored
-    rows = model.num_classes + (model.null_label is not None)  # label table rows, null label included
-    if y is None:
-        raise ValueError(f"class-conditional model: pass y of shape ({B},) with labels in 0..{rows - 1} "
-                         f"(null label {model.null_label})")
-    if not torch.is_tensor(y) or y.shape != (B,) or y.dtype.is_floating_point or y.dtype.is_complex:
-        got = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
-        raise ValueError(f"y must be an integer tensor of shape ({B},), got {got}")
-    # Range check on CPU tensors only: on a GPU, int(y.min()) would sync the device every step. Skipped while
-    # torch.compile traces: the Python ints would break the graph.
-    if y.device.type == "cpu" and B and not torch.compiler.is_compiling():
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= rows:
-            raise ValueError(f"labels must lie in 0..{rows - 1} (null label {model.null_label}), got min {lo} max {hi}")
-
-
 # ----- The model -----
 
 class DiT(nn.Module):
@@ -263,7 +232,7 @@ class DiT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
-        self.attention, self.grad_checkpoint = attention, grad_checkpoint
+        self.class_cond, self.attention, self.grad_checkpoint = num_classes > 0, attention, grad_checkpoint
         self.grid_size = input_size // patch_size
         # Same module and init order as the official code (meant to keep seeded inits comparable; unverified).
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -302,9 +271,8 @@ class DiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x, t, y=None, force_drop_ids=None):
-        """x (B, C, H, W), t (B,) DDPM indices (long or float), y (B,) labels -> (B, C_out, H, W); DiT Fig. 3.
+        """x (B, C, H, W), t (B,) network time (long or float), y (B,) labels -> (B, C_out, H, W); DiT Fig. 3.
         force_drop_ids (B,) 0/1 drops exactly those labels instead of at random (DiT's LabelEmbedder argument)."""
-        _check_inputs(self, x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)^2 tokens
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:  # unconditional models ignore y
@@ -313,21 +281,6 @@ class DiT(nn.Module):
             x = run_block(self, block, x, c)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*p*C_out)
         return unpatchify(x, self.patch_size, self.out_channels)  # (B, C_out, H, W)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Official batched CFG: the first half of x is duplicated and run once with y = [labels; nulls];
-        eps = uncond + s (cond - uncond) on eps channels 0..2, written into both halves of the full batch."""
-        if x.shape[0] % 2:
-            raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond]; got {x.shape[0]}")
-        half = x[: x.shape[0] // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        # Guiding only channels 0..2 is a GLIDE (RGB) leftover that the official code keeps for exact
-        # reproducibility of its reported numbers; we keep it for parity. The shared diffusion sampler
-        # (diffusion.py, cfg_channels) offers all-channel guidance. Channel 3+ and variances pass through.
-        g = min(3, self.in_channels)  # never guide the variance channels
-        cond, uncond = out[:, :g].chunk(2, dim=0)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided], dim=0), out[:, g:]], dim=1)
 
 
 # ----- Registry: DiT §3.2 Table 1 configs (depth, hidden, heads) x patch sizes -----

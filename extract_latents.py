@@ -62,8 +62,24 @@ and run  python -c "import extract_latents as e; e.print_rounding('OUT/latents.n
 
 Speed on a 2-core AMD EPYC (AVX2, no AVX-512; torch 2.13.0+cpu, 2 threads; load average 0.5 before the run),
 full-size random-init SD-VAE, 64 synthetic 256x256 PNGs in 4 class folders:
-  python -c "import os, numpy as np; from PIL import Image; r = np.random.default_rng(0); [(os.makedirs(f'/tmp/synth64/class{i % 4}', exist_ok=True), Image.fromarray(np.clip(np.asarray(Image.fromarray(r.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((256, 256), Image.BICUBIC), int) + r.integers(-12, 13, (256, 256, 3)), 0, 255).astype(np.uint8)).save(f'/tmp/synth64/class{i % 4}/{i:03d}.png')) for i in range(64)]"
-  python -c "import json, os, torch, vae; torch.manual_seed(0); m = vae.AutoencoderKL(**vae.SD_VAE_CONFIG); os.makedirs('/tmp/sdvae-random', exist_ok=True); json.dump(m.config, open('/tmp/sdvae-random/config.json', 'w')); vae.save_safetensors(m.state_dict(), '/tmp/sdvae-random/diffusion_pytorch_model.safetensors')"
+  python - <<'EOF'  # 64 images: random 8x8 colours, bicubic to 256x256, plus uniform noise in [-12, 12]
+import os, numpy as np
+from PIL import Image
+r = np.random.default_rng(0)
+for i in range(64):
+    os.makedirs(f'/tmp/synth64/class{i % 4}', exist_ok=True)
+    small = Image.fromarray(r.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((256, 256), Image.BICUBIC)
+    noisy = np.clip(np.asarray(small, int) + r.integers(-12, 13, (256, 256, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(f'/tmp/synth64/class{i % 4}/{i:03d}.png')
+EOF
+  python - <<'EOF'  # the full-size SD-VAE with random weights, as a diffusers folder
+import json, os, torch, vae
+torch.manual_seed(0)
+m = vae.AutoencoderKL(**vae.SD_VAE_CONFIG)
+os.makedirs('/tmp/sdvae-random', exist_ok=True)
+json.dump(m.config, open('/tmp/sdvae-random/config.json', 'w'))
+vae.save_safetensors(m.state_dict(), '/tmp/sdvae-random/diffusion_pytorch_model.safetensors')
+EOF
   python extract_latents.py --data-dir /tmp/synth64 --image-size 256 --vae /tmp/sdvae-random --out /tmp/lat64 \
       --batch-size 8
   -> 64 images in 422.6 s = 0.15 images/s (2 decoding workers, the default here), 32,768 bytes per image, peak RSS

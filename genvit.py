@@ -14,9 +14,10 @@ What implements which part of the paper (§3, Fig. 2):
   classify                             HybViT: class token -> LayerNorm -> Linear on the clean image, no time
   convert_official                     the official state_dict (bare, or "denoise_fn."-prefixed) -> ours
   MODELS                               the official README's configs (CIFAR-10, STL-10, CelebA, ImageNet 128/224)
-The small primitives (PatchEmbed, unpatchify, Attention, Mlp, run_block, _check_image) are written identically in
-dit.py, uvit.py, diffit.py and genvit.py, so each file stands alone and a diff between two backbones shows only
-what the papers change.
+The forward follows README "The backbone contract" (class_cond False: the denoiser ignores y).
+The small primitives (PatchEmbed, unpatchify, Attention, Mlp, run_block) are written identically in dit.py,
+uvit.py, diffit.py and genvit.py, so each file stands alone and a diff between two backbones shows only what the
+papers change.
 """
 import math
 from functools import partial
@@ -158,16 +159,6 @@ def run_block(model, block, *args):
     return block(*args)
 
 
-def _check_image(model, x, t):
-    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)."""
-    want = (model.in_channels, model.input_size, model.input_size)
-    if x.ndim != 4 or tuple(x.shape[1:]) != want:
-        raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
-    if not torch.is_tensor(t) or t.shape != (x.shape[0],):
-        got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-        raise ValueError(f"t must be a tensor of shape ({x.shape[0]},), one timestep per sample, got {got}")
-
-
 # ----- The model -----
 
 class GenViT(nn.Module):
@@ -202,6 +193,7 @@ class GenViT(nn.Module):
         self.head_dim = head_dim or hidden_size // num_heads
         self.num_classes, self.ffn_time, self.learn_sigma = num_classes, ffn_time, learn_sigma
         self.class_dropout_prob, self.attention, self.grad_checkpoint = 0.0, attention, grad_checkpoint
+        self.class_cond = False  # num_classes is the classifier head's size; the denoiser takes no labels
         num_tokens = (input_size // patch_size) ** 2 + 1  # patches + the class token
         time_dim = 4 * num_tokens  # official: (num_patches + 1) * 4
 
@@ -249,7 +241,6 @@ class GenViT(nn.Module):
     def forward(self, x, t, y=None, force_drop_ids=None):
         """x (B, C, H, W), t (B,) timesteps (long or float) -> eps (B, C_out, H, W); y and force_drop_ids are ignored
         (unconditional)."""
-        _check_image(self, x, t)
         x = self.tokens(x)  # (B, 1 + N, D)
         temb = self.t_embedder(t)  # (B, 4 (1 + N))
         for block in self.blocks:
@@ -262,7 +253,6 @@ class GenViT(nn.Module):
         the class token -> LayerNorm -> Linear (the official forward(img, t=None) -> mlp_head(x[:, 0]))."""
         if self.cls_head is None:
             raise ValueError("this GenViT has no classifier head: build it with num_classes > 0")
-        _check_image(self, x, torch.zeros(x.shape[0], device=x.device))
         x = self.tokens(x)
         for block in self.blocks:
             x = run_block(self, block, x)

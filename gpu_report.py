@@ -16,10 +16,10 @@ comes back. Rows are not interrupted once started. The JSON is rewritten atomica
 reached say "pending"); an exception in a row is recorded in that row as one line and the report goes on; a CUDA
 out-of-memory is recorded as status "oom", the cache emptied, and the compiled twin of that row skipped. The rows
 reuse bench.py: bench_row (the train_cifar.py step on a fixed batch, or the sampler), count_macs, timed,
-peak_memory, the PEAK_FLOPS table and the MFU formula (3 x forward MACs x 2 x img/s / dense bf16 peak).
---make-subset writes x (N, 3, 32, 32) uint8 and y (N,) int64 from data.load_cifar10 (no download), a seeded random
-N of the 50k training images: N x 3,080 bytes, so 10,000 = 30.8 MB; at most 20,000 (61.6 MB), so that the file fits
-beside the checkout in 64 MiB. Without --data (or if the file is missing) the training run uses synthetic images.
+peak_memory, the PEAK_FLOPS table and the MFU formula (3 x forward MACs x 2 x img/s / dense bf16 peak); the SDPA
+rows use sdpa_probe.py, the training run's data cifar_subset.py (--make-subset: a seeded random N of the 50k training
+images, at most 20,000 = 61.6 MB), --markdown gpu_markdown.py. Without --data (or if the file is missing) the
+training run uses synthetic images.
 """
 import argparse
 import contextlib
@@ -31,25 +31,23 @@ import importlib.metadata
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
-import warnings
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bench
+from cifar_subset import load_subset, make_subset, synthetic_images
 from devices import autocast_forward, resolve_device
 from errors import RunError, first_line
 from files import atomic_write, check_writable
+from gpu_markdown import markdown
 from recipes import LATENT_RECIPES, RECIPES
-from data import BatchIndices, get_batch, load_cifar10
+from data import BatchIndices, get_batch
 from diffusion import make_diffusion
+from sdpa_probe import SDPACalls, probe_sdpa
 from vae import SD_VAE_CONFIG, AutoencoderKL
 
 # Seconds per step, in run order (total 445 s; with start-up the report stays under 8 minutes). Cheap, must-have
@@ -60,7 +58,6 @@ DEADLINE_S = 450  # no row starts later than this after the report began
 # not measurements: torch.compile (inductor) of a training graph is the long pole, ~40 s CIFAR-size, ~90 s DiT-XL/2.
 EST_S = {"sdpa": 3, "train": 8, "train_xl": 12, "compile": 40, "compile_xl": 90, "sample": 8, "sample_xl": 30,
          "vae": 5, "train_run": 20}
-MAX_SUBSET = 20_000  # 20k x 3,080 B = 61.6 MB: the largest subset that fits 64 MiB beside the checkout
 
 XL = ("dit", "DiT-XL/2", dict(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
                               class_dropout_prob=0.1))  # DiT's ImageNet-256 latent model (4 x 32 x 32)
@@ -84,12 +81,6 @@ SIZES = {  # batch sizes, repeats, precision of the train/sample rows; smoke: CP
     "smoke": dict(xl_batches=(2, 4), batch=2, xl_sample_batch=2, vae_batch=2, vae_size=32, warmup=1, steps=1,
                   vae_repeats=1, run_steps=2, run_warmup=1, log_every=1, synthetic=16, sample_steps=2,
                   compile_backend="eager", precision="fp32")}  # CPU bf16 is slow without AMX; the run stays bf16
-# aten op SDPA dispatches to -> kernel family (the CPU's flash kernel included)
-SDPA_OPS = [("_scaled_dot_product_flash_attention", "flash"), ("_scaled_dot_product_efficient_attention", "efficient"),
-            ("_scaled_dot_product_cudnn_attention", "cudnn"), ("_scaled_dot_product_attention_math", "math"),
-            ("_scaled_dot_product_fused_attention_overrideable", "overrideable")]
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 
 # ----- The plan: every row, in run order -----
@@ -123,7 +114,7 @@ def plan(smoke=False, data=None):
         formulation = (LATENT_RECIPES if name == XL[1] else RECIPES)[b]["formulation"]
         add("sample", f"sample {name} {sampler}", row_sample, est["sample_xl" if name == XL[1] else "sample"],
             kind="sample", backbone=b, model=name, kwargs={**kw, **tiny(name)}, formulation=formulation,
-            sampler=sampler, steps=steps, nfe=bench.sampler_nfe(sampler, steps),
+            sampler=sampler, steps=steps, nfe=make_diffusion(formulation).nfe(sampler, steps),
             cfg_scale=1.5, batch=z["xl_sample_batch"] if name == XL[1] else z["batch"], precision=z["precision"],
             compile=False, repeats=1, warmup="one 1-step sampler run")
 
@@ -226,53 +217,6 @@ def row_vae(s, ctx):
                 **note)
 
 
-class SDPACalls(torch.overrides.TorchFunctionMode):
-    """Records the shapes of every F.scaled_dot_product_attention call: (q, k, v, attn_mask or None)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-            call = [list(a.shape) for a in args[:3]] + [None if mask is None else list(mask.shape)]
-            if call not in self.calls:
-                self.calls.append(call)
-        return func(*args, **kwargs)
-
-
-def probe_sdpa(shapes, batch, device, dtype, backward):
-    """Which kernel SDPA picks unrestricted ('default', from the aten op the profiler sees) and, restricted to one
-    backend at a time (torch.nn.attention.sdpa_kernel), whether it runs: 'ok' or 'no: <torch's reason>'."""
-    q, k, v = (torch.randn([s[0] * batch, *s[1:]], device=device, dtype=dtype, requires_grad=backward)
-               for s in shapes[:3])  # the batch-1 shapes' leading (batch x windows) dimension, scaled to the batch
-    mask = None if shapes[3] is None else torch.randn(shapes[3], device=device, dtype=dtype)
-
-    def call():
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if backward:
-            o.float().sum().backward()
-        bench.sync(device)
-    out = {}
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        call()
-    ops = {e.key for e in prof.key_averages()}
-    out["default"] = next((kind for op, kind in SDPA_OPS if any(op in n and "backward" not in n for n in ops)), None)
-    for name, backend in BACKENDS.items():
-        with warnings.catch_warnings(record=True) as caught, sdpa_kernel(backend):
-            warnings.simplefilter("always")
-            try:
-                call()
-                out[name] = "ok"
-            except RuntimeError as e:  # "No available kernel": the reasons come as warnings
-                why = [re.sub(r"\s*\(Triggered internally at [^)]*\)\.?", "", str(w.message)).strip()
-                       for w in caught] or [first_line(e)]
-                out[name] = "no: " + " ".join(w for w in dict.fromkeys(why) if w)[:400]
-    return out
-
-
 def row_sdpa(s, ctx):
     """The model's attention calls, captured on the meta device at batch 1, probed on the device in bf16 and fp32."""
     with torch.device("meta"), SDPACalls() as rec, torch.no_grad():
@@ -291,44 +235,6 @@ def row_sdpa(s, ctx):
 
 
 # ----- The short real training run -----
-
-def synthetic_images(n, seed=0):
-    """uint8 (n, 3, 32, 32) smooth random images (bilinear 4x4 colour grids): structure a model can learn."""
-    g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=32, mode="bilinear", align_corners=False)
-    return (x * 255).round().to(torch.uint8)
-
-
-def load_subset(path):
-    """(uint8 (N, 3, 32, 32), int64 (N,)) from an npz written by make_subset."""
-    try:
-        with np.load(path) as f:
-            x, y = f["x"], f["y"]
-    except (OSError, KeyError, ValueError) as e:
-        raise RunError(f"{path}: not an npz with arrays x and y ({first_line(e)}); write one with "
-                       "python gpu_report.py --make-subset DATA_DIR N OUT.npz") from None
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (3, 32, 32) or y.shape != (len(x),) or not len(x):
-        raise RunError(f"{path}: expected x uint8 (N, 3, 32, 32) and y (N,), got x {x.dtype} {x.shape}, y {y.shape}")
-    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-
-
-def make_subset(data_dir, n, out):
-    """A seeded random n of CIFAR-10's training images from data_dir (no download) -> npz x uint8, y int64."""
-    try:
-        n = int(n)
-    except ValueError:
-        raise RunError(f"--make-subset: N must be an integer, got {n!r}") from None
-    if not 1 <= n <= MAX_SUBSET:
-        raise RunError(f"--make-subset: N must be in 1..{MAX_SUBSET} ({MAX_SUBSET} images = 61.6 MB, the most that "
-                       f"fits 64 MiB beside the checkout; 10000 recommended), got {n}")
-    check_writable(out, "--make-subset OUT")
-    x, y = load_cifar10(data_dir, train=True, download=False)
-    if n > len(x):
-        raise RunError(f"--make-subset: {data_dir} has {len(x)} training images, fewer than N = {n}")
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]  # random: about n/10 per class
-    atomic_write(out, lambda f: np.savez(f, x=x[idx].numpy(), y=y[idx].numpy()))
-    print(f"wrote {out}: {n} CIFAR-10 training images, {os.path.getsize(out) / 1e6:.1f} MB")
-
 
 def training_data(s):
     """(uint8 images, description): the npz of --data when present, else synthetic images (and say so)."""
@@ -479,91 +385,6 @@ def run_report(out, smoke=False, data=None, device=None, budgets=None, deadline=
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     write()
     return report
-
-
-# ----- The report as BENCHMARKS.md's tables -----
-
-NOT_YET = "not measured yet"
-
-
-def cell(row, value, spec=".1f"):
-    """A figure, or why there is none (skipped / oom / error / pending)."""
-    if row["status"] != "ok":
-        return {"pending": NOT_YET, "oom": "out of memory"}.get(row["status"], row["status"])
-    return "-" if value is None else format(value, spec) if isinstance(value, float) else str(value)
-
-
-def compiled(row):
-    """off, the backend, or failed->eager (bench_row fell back)."""
-    s, c = row["settings"], (row.get("figures") or {}).get("compile")
-    return c if isinstance(c, str) else s["compile_backend"] if s["compile"] else "off"
-
-
-def gb(v):
-    return None if v is None else v / 1e9
-
-
-def pct(v):
-    return None if v is None else f"{100 * v:.1f}%"
-
-
-def markdown(report):
-    """BENCHMARKS.md's GPU tables from a report (a plan with pending rows gives the empty layout)."""
-    env, rows = report.get("env") or {}, report["rows"]
-    by = lambda kind: [r for r in rows if r["settings"]["kind"] == kind]  # noqa: E731
-    fig = lambda r: r.get("figures") or {}  # noqa: E731
-    out = [f"Machine: {env['device_name']}, driver {env.get('driver')}, CUDA {env.get('cuda')}, cuDNN "
-           f"{env.get('cudnn')}, torch {env.get('torch')}, triton {env.get('triton')}; {env.get('date')}; "
-           f"`{env.get('command')}` ({report.get('wall_s')} s)" if env else f"Machine: {NOT_YET}", ""]
-
-    def table(head, body):
-        out.extend(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)])
-        out.extend("| " + " | ".join(map(str, b)) + " |" for b in body)
-        out.append("")
-
-    train_head = ["model", "batch", "precision", "attention", "compile", "ckpt", "train img/s", "peak mem GB", "MFU"]
-    for title, step in [("DiT-XL/2, ImageNet-256 latents (4x32x32, 1000 classes, learn_sigma)", "dit_xl_train"),
-                        ("CIFAR-10 models (bench.py's CIFAR rows)", "cifar_train")]:
-        out.append(f"**Training: {title}**")
-        table(train_head, [[s["model"], s["batch"], s["precision"], s["attention"], compiled(r),
-                            "on" if s["grad_checkpoint"] else "off", cell(r, fig(r).get("images_per_s")),
-                            cell(r, gb(fig(r).get("peak_memory_bytes")), ".2f"), cell(r, pct(fig(r).get("mfu")))]
-                           for r in by("train") if r["step"] == step for s in [r["settings"]]])
-    out.append("**SDPA kernels** (default: what an unrestricted call ran; then each backend alone: ok / no, the "
-               "reason in the JSON)")
-    body = []
-    for r in by("sdpa"):
-        for c in fig(r).get("calls") or [{}]:
-            for dt in ("bfloat16", "float32"):
-                p, call = c.get(dt, {}), f"q {c['q']}" if c else cell(r, None)
-                body.append([r["settings"]["model"], call + (f", mask {c['mask']}" if c.get("mask") else ""),
-                             dt] + [cell(r, p.get(k) and p[k].split(":")[0]) for k in ("default", *BACKENDS)])
-    table(["model", "attention call", "dtype", "default", *BACKENDS], body)
-    out.append("**Sampling at each paper's sampler** (eager; img/s of one timed run)")
-    table(["model", "sampler", "steps (NFE)", "batch", "precision", "img/s", "guided img/s (cfg 1.5)", "peak mem GB",
-           "MFU"],
-          [[s["model"], s["sampler"], f"{s['steps']} ({s['nfe']})", s["batch"], s["precision"],
-            cell(r, (fig(r).get("sample") or {}).get("images_per_s"), ".2f"),
-            cell(r, (fig(r).get("sample_cfg") or {}).get("images_per_s"), ".2f"),
-            cell(r, gb((fig(r).get("sample") or {}).get("peak_memory_bytes")), ".2f"),
-            cell(r, pct((fig(r).get("sample") or {}).get("mfu")))] for r in by("sample") for s in [r["settings"]]])
-    out.append("**VAE (SD kl-f8 architecture, random init: timing only)**")
-    table(["direction", "precision", "batch", "image", "img/s", "peak mem GB", "GMACs/img", "MFU"],
-          [[s["direction"], s["precision"], s["batch"], f"{s['image_size']}x{s['image_size']}",
-            cell(r, fig(r).get("images_per_s")), cell(r, gb(fig(r).get("peak_memory_bytes")), ".2f"),
-            cell(r, fig(r).get("gmacs"), ".2f"), cell(r, pct(fig(r).get("mfu")))] for r in by("vae")
-           for s in [r["settings"]]])
-    out.append("**Short real training run (bf16)**")
-    for r in by("train_run"):
-        f, s = fig(r), r["settings"]
-        table(["model", "batch", "data", "steps", "img/s (whole run)", "loss: first log -> last", "peak mem GB"],
-              [[s["model"], s["batch"], cell(r, (f.get("data") or {}).get("source")), cell(r, f.get("steps")),
-                cell(r, f.get("images_per_s")), cell(r, f.get("loss_first") and
-                                                      f"{f['loss_first']:.4f} -> {f['loss_last']:.4f}"),
-                cell(r, gb(f.get("peak_memory_bytes")), ".2f")]])
-        curve = ", ".join(f"{c['step']}: {c['loss']:.4f}" for c in f.get("curve", []))
-        out.append(f"Loss every {s['log_every']} steps: {curve or NOT_YET}")
-    return "\n".join(out).rstrip() + "\n"
 
 
 # ----- Command line -----

@@ -1,5 +1,9 @@
-"""Each paper's training recipe per backbone, on pixels (RECIPES) and on VAE latents (LATENT_RECIPES):
-train_cifar.py's defaults, and what bench.py measures."""
+"""Each paper's training recipe per backbone, on pixels (RECIPES) and on VAE latents (LATENT_RECIPES), as plain
+dicts: train_cifar.py's defaults (resolve), and what bench.py measures."""
+import argparse
+
+from diffusion import make_diffusion
+from errors import RunError
 
 # ----- Each paper's recipes (train_cifar.py's defaults; bench.py measures the same models) -----
 
@@ -56,3 +60,50 @@ LATENT_RECIPES = {
 }
 # What a recipe leaves unset: DDPM's linear schedule, L2 loss, constant LR after the warm-up, ADM's 'large' variance.
 RECIPE_DEFAULTS = dict(schedule="linear", loss_type="l2", lr_schedule="constant", min_lr=0.0, fixed_variance="large")
+# The recipe's sampler, its step count and DDPM variance belong to its formulation: another one drops them.
+OWN_FORMULATION = ("sampler", "sample_steps", "fixed_variance")
+
+
+def first(*values):
+    """The first value that is not None."""
+    return next((v for v in values if v is not None), None)
+
+
+def paper_recipe(backbone, dataset):
+    """The backbone's recipe on latents (dataset 'latents') or on pixels."""
+    return (LATENT_RECIPES if dataset == "latents" else RECIPES)[backbone]
+
+
+def resolve(args):
+    """A new Namespace: train_cifar.py's flags with those left unset (None) taken from the backbone's recipe, then
+    RECIPE_DEFAULTS. Under a formulation other than the recipe's: its default sampler and steps, no learned
+    sigma, the 'large' variance. Flags that do not fit together raise RunError."""
+    paper = paper_recipe(args.backbone, args.dataset)
+    formulation = first(args.formulation, paper["formulation"])
+    if formulation != paper["formulation"]:
+        paper = {k: v for k, v in paper.items() if k not in OWN_FORMULATION}
+    recipe = {**RECIPE_DEFAULTS, **paper, "formulation": formulation}
+    if formulation != "ddpm":
+        recipe["learn_sigma"] = False  # learned variances are DDPM's (Improved DDPM); EDM and flows have none
+    new = {k: first(getattr(args, k), v) for k, v in recipe.items()}
+    if args.backbone == "genvit" and args.class_cond:
+        raise RunError("GenViT's denoiser is unconditional (Yang et al. 2022): drop --class-cond; --hybvit trains its "
+                       "classifier head on the labels")
+    if args.hybvit and args.backbone != "genvit":
+        raise RunError("--hybvit is HybViT's objective: it needs --backbone genvit")
+    if args.hybvit and args.dataset == "latents":
+        raise RunError("--hybvit trains a classifier on images: use --dataset cifar10 or folder")
+    diffusion = make_diffusion(formulation=formulation)
+    if args.sampler is not None and args.sampler not in diffusion.SAMPLERS:
+        raise RunError(f"--sampler {args.sampler} is not a {formulation} sampler; choose one of "
+                       f"{', '.join(diffusion.SAMPLERS)}")
+    sampler = first(args.sampler, recipe.get("sampler"), diffusion.default_sampler)
+    if formulation != "ddpm" and (new["learn_sigma"] or args.prediction != "eps"):
+        raise RunError(f"--learn-sigma and --prediction are DDPM options; --formulation {formulation} has its own "
+                       "parameterisation (add --no-learn-sigma)")
+    new.update(sampler=sampler, sample_steps=first(args.sample_steps, recipe.get("sample_steps"),
+                                                   diffusion.default_steps(sampler)),
+               class_cond=False if args.backbone == "genvit" else args.class_cond,
+               keep_every=first(args.keep_every, 10 * args.ckpt_every), betas=list(new["betas"]),
+               model_arg=dict(args.model_arg))
+    return argparse.Namespace(**{**vars(args), **new})

@@ -1,9 +1,205 @@
-"""Stopping a run on a signal: Ctrl-C / SIGTERM finish the step and save; a second Ctrl-C quits at once."""
+"""A training run's folder and state: which checkpoint to resume, the Run (model, EMA, optimizer, step) saved
+atomically into latest.pt and kept ckpt_XXXXXXX.pt, the non-finite stop with rollback advice, log.jsonl and
+loss.png, and stopping on a signal (Ctrl-C / SIGTERM finish the step and save; a second Ctrl-C quits at once)."""
+import argparse
+import json
+import math
+import os
 import signal
 import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
 
+import torch
 from tqdm.auto import tqdm
 
+from checkpoints import plain, rng_state, save_checkpoint, set_rng_state
+from devices import Processes
+from errors import RunError
+from files import atomic_link, atomic_write, make_dir, remove_stale_temps
+from images import plot_losses
+from training import first_nonfinite, weights_finite
+
+
+def resume_path(resume, out_dir):
+    """The checkpoint that --resume (auto, never or a path) resumes into out_dir (None = a fresh run). Refuses
+    whatever would overwrite another run; a kept checkpoint of this run is a rollback (the log is trimmed)."""
+    latest, log = os.path.join(out_dir, "latest.pt"), os.path.join(out_dir, "log.jsonl")
+    if resume == "auto":
+        return latest if os.path.exists(latest) else None
+    if os.path.exists(latest) and not (resume != "never" and os.path.exists(resume)
+                                       and os.path.samefile(resume, latest)):
+        hint = "use --resume auto to continue it" if resume == "never" else \
+            f"resuming {resume} there would overwrite it: use --resume auto to continue that run"
+        raise RunError(f"{out_dir} already holds a run (latest.pt); {hint}, or pick a new --out-dir")
+    own = resume != "never" and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(out_dir)
+    if resume != "never" and not own and not os.path.exists(latest) and os.path.exists(log) \
+            and os.path.getsize(log):
+        raise RunError(f"{out_dir} holds the log.jsonl of another run; resume {resume} into a new --out-dir")
+    return None if resume == "never" else resume
+
+
+def prepare_folder(out_dir):
+    """Create out_dir and remove the temporary files that killed runs left in it (and in samples/)."""
+    make_dir(out_dir, "--out-dir")
+    for folder in (out_dir, os.path.join(out_dir, "samples")):
+        removed = remove_stale_temps(folder)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) of an interrupted run in {folder}")
+
+
+@dataclass
+class Run:
+    """Where a training run stands, and its checkpoints. Under torchrun every process holds one; only the main
+    process (procs.main) writes."""
+    args: argparse.Namespace
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    diffusion: object              # GaussianDiffusion, EDM or FlowMatching (diffusion.make_diffusion)
+    meta: dict                     # data geometry and classes (also in the checkpoint)
+    config: dict                   # what a resume must match (checkpoints.check_compatible)
+    out_dir: str
+    device: torch.device
+    procs: Processes
+    decode: Optional[object] = None  # latents -> images in [-1, 1] (the VAE decoder), None for pixel runs
+    step: int = 0
+    elapsed: float = 0.0           # seconds of training before this process
+    last_good: Optional[tuple] = None  # (path, step) of the newest checkpoint written or resumed from
+
+    @property
+    def latest(self):
+        return os.path.join(self.out_dir, "latest.pt")
+
+    def kept_path(self):
+        k = self.args.keep_every
+        return os.path.join(self.out_dir, f"ckpt_{self.step:07d}.pt") if k and self.step % k == 0 else None
+
+    def restore(self, ckpt, path):
+        """Continue from a checkpoint: weights, optimizer, loss scaler, every RNG, the step."""
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["opt"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.step, self.elapsed, self.last_good = ckpt["step"], ckpt.get("elapsed", 0.0), (path, ckpt["step"])
+        if not self.procs.main:  # every rank resumes from the same file; only the main one writes
+            return
+        print(f"resumed from {path} at step {self.step}")
+        keep = self.kept_path()
+        if path == self.latest and keep and not os.path.exists(keep):  # a kept copy an older version lost
+            atomic_link(path, keep)
+
+    def save(self, elapsed):
+        """latest.pt (and, every --keep-every steps, ckpt_XXXXXXX.pt). The kept file is written first and
+        latest.pt then linked to it, so a kill at any moment loses no kept checkpoint: until latest.pt moves
+        on, a resumed run repeats this step and writes it again."""
+        if not self.procs.main:
+            self.last_good = (self.latest, self.step)
+            return
+        state = {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                 "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "args": plain(vars(self.args)),
+                 "rng": rng_state(), "elapsed": elapsed, **self.config}
+        keep = self.kept_path()
+        save_checkpoint(state, keep or self.latest)
+        if keep:
+            atomic_link(keep, self.latest)
+        self.last_good = (self.latest, self.step)
+
+    def check_finite(self, window=(), weights=False):
+        """Stop with a one-line error, writing nothing, at a non-finite loss in `window` (per-step stats ending at
+        this step) or, with weights, non-finite weights; the last good checkpoint stays as it was."""
+        at = first_nonfinite(window, self.step)
+        if at is None and weights and not weights_finite(self.model, self.ema):
+            at = self.step
+        if at is not None:
+            where = f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good else "none written yet"
+            raise RunError(f"non-finite loss/weights at step {at}; run stopped, last good checkpoint: {where}; "
+                           "resume from it with a lower --lr, --grad-clip 1 or --precision fp32")
+
+
+# ----- The log -----
+
+def read_log(path, max_step):
+    """Records of an earlier run up to the resumed step (later ones were not checkpointed). The file is
+    rewritten atomically, so a kill here leaves the old log, never a truncated one."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if isinstance(r, dict) and r.get("step", math.inf) <= max_step:
+                records.append(r)
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+    return records
+
+
+def append_log(path, record):
+    try:
+        with open(path, "a") as f:  # a kill mid-line leaves a partial last line, which read_log drops
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({e}); free disk space, then rerun to resume from the last "
+                       "checkpoint") from None
+
+
+class TrainLog:
+    """log.jsonl, loss.png and the progress bar of a run. Each step's loss terms (`keys`) and grad norm stay on the
+    device; write() averages them over the steps and processes (the loop's only host sync) into one record."""
+
+    def __init__(self, run, keys):
+        self.run, self.keys, self.path = run, keys, os.path.join(run.out_dir, "log.jsonl")
+        self.records = read_log(self.path, run.step) if run.procs.main else []
+        self.window, self.t_start, self.t_window, self.step_window = [], time.time(), time.time(), run.step
+        self.bar = tqdm(total=run.args.steps, initial=run.step, desc=f"{run.args.backbone} {run.args.model}",
+                        dynamic_ncols=True, disable=not run.procs.main)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def elapsed(self):
+        """Seconds of training, earlier processes of the run included."""
+        return self.run.elapsed + time.time() - self.t_start
+
+    def add(self, terms, gnorm):
+        self.window.append(torch.stack([terms[k].detach().float().mean() for k in self.keys] + [gnorm.float()]))
+        self.bar.update(1)
+
+    def unlogged(self):
+        """The per-step stats since the last write, averaged over the processes."""
+        return list(self.run.procs.mean(torch.stack(self.window))) if self.window else []
+
+    def write(self, lr):
+        """One record of the steps since the last write: mean loss terms, lr, grad norm, images/s, elapsed."""
+        run, window = self.run, self.unlogged()
+        run.check_finite(window)
+        now, vals = time.time(), torch.stack(window).mean(0).tolist()
+        ips = (run.step - self.step_window) * run.args.batch_size / max(now - self.t_window, 1e-9)
+        if run.procs.main:
+            self.append({"step": run.step, **dict(zip(self.keys, vals)), "lr": lr, "grad_norm": vals[-1],
+                         "img_per_s": round(ips, 1), "elapsed": round(run.elapsed + now - self.t_start, 1)})
+            plot_losses(self.records, os.path.join(run.out_dir, "loss.png"))
+        self.bar.set_postfix(loss=f"{vals[0]:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
+        self.window, self.t_window, self.step_window = [], now, run.step
+
+    def append(self, record):
+        """A record (a training window, an FID, a test accuracy) into log.jsonl, by the main process."""
+        if self.run.procs.main:
+            self.records.append(record)
+            append_log(self.path, record)
+
+
+# ----- Stopping on a signal -----
 
 class Interrupted(Exception):
     """A stop request arrived during a sample grid or an FID: that work is abandoned, the checkpoint is not."""

@@ -3,18 +3,24 @@ import torch
 from tqdm.auto import tqdm
 
 from devices import Processes
+from errors import RunError
 from images import to_uint8
 
 
-def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, class_label=None, sampler="dpm++2m",
-             steps=25, eta=0.0, cfg_scale=1.0, cfg_channels=None, null_label=None, seed=0, device="cpu",
+def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, class_label=None, sampler=None,
+             steps=None, eta=0.0, cfg_scale=1.0, cfg_channels=None, null_label=None, seed=0, device="cpu",
              progress=True, decode=None, procs=None):
-    """Yield (uint8 (n, C, H, W) CPU images, int64 labels or None) batches of samples. The initial noise and the
-    labels come from a CPU generator (the same for a seed on any device); the per-step noise of ddpm / ddim with
-    eta > 0 comes from a generator on the device. Labels: class_label, else uniform. decode maps samples to
-    images in [-1, 1] first (a VAE decoder for latent models). Under torchrun (procs) batch k is sampled by rank
-    k % world and every round of batches is gathered on the main process, which yields them in order (the others
-    yield nothing): the same samples, in the same order, as one process."""
+    """Yield (uint8 (n, C, H, W) CPU images, int64 labels or None) batches of samples by diffusion.sample
+    (sampler / steps None: the formulation's defaults; eta reaches DDIM only, and must be 0 for other samplers).
+    The initial noise and the labels come from a CPU generator (the same for a seed on any device); the
+    per-step noise of stochastic samplers comes from a generator on the device. Labels: class_label, else
+    uniform. decode maps samples to images in [-1, 1] first (a VAE decoder for latent models). Under torchrun
+    (procs) batch k is sampled by rank k % world and every round of batches is gathered on the main process,
+    which yields them in order (the others yield nothing): the same samples, in the same order, as one process."""
+    sampler = diffusion.default_sampler if sampler is None else sampler
+    if eta and sampler != "ddim":
+        raise RunError(f"eta is the DDIM sampler's option; the {sampler} sampler takes none (drop --eta)")
+    options = {"eta": eta} if sampler == "ddim" else {}  # sampler-specific options, only where the sampler has them
     procs = procs or Processes()
     gen = torch.Generator().manual_seed(seed)
     labels = None
@@ -28,10 +34,11 @@ def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, clas
         noise = torch.randn((n, *shape), generator=gen)  # drawn by every process: the generator stays in step
         y = None if labels is None else labels[i:i + n]
         if k % procs.world == procs.rank:
-            x = diffusion.sample(fwd, (n, *shape), sampler=sampler, steps=steps, eta=eta,
+            x = diffusion.sample(fwd, (n, *shape), sampler=sampler, steps=steps,
                                  model_kwargs=None if y is None else {"y": y.to(device)}, cfg_scale=cfg_scale,
                                  cfg_channels=cfg_channels, null_label=null_label, noise=noise, device=device,
-                                 clip_denoised=decode is None, generator=torch.Generator(device).manual_seed(seed + i))
+                                 clip_denoised=decode is None, generator=torch.Generator(device).manual_seed(seed + i),
+                                 **options)
             mine = (to_uint8(x if decode is None else decode(x)).cpu(), y)
         if k % procs.world == procs.world - 1 or k == len(starts) - 1:  # a round done: batches in rank order
             for batch in procs.gather(mine) or []:

@@ -1,15 +1,22 @@
 """
-Behaviour every backbone shares, tested once across all of them (DiT, U-ViT, image-space and latent DiffiT):
-label dropout with probability 1 (the CFG null label), and a class-conditional forward that torch.compile
-traces as one graph (the CPU label-range check in _check_inputs stays out of the graph).
+What every backbone shares, tested once across all of them: the backbone contract of README.md ("The backbone
+contract") for dit, uvit, diffit and genvit; backbones.check_inputs, the one-line input errors that the forward
+passes leave out; label dropout with probability 1 (the CFG null label); and a class-conditional forward that
+torch.compile traces as one graph.
 """
+import importlib
+
 import pytest
 import torch
+import torch.nn as nn
 
 import diffit
 import dit
+import genvit
 import uvit
+from backbones import BACKBONES, build_model, check_inputs
 from conftest import randomized
+from errors import RunError
 
 # Small class-conditional models (10 classes); weights are randomised below, so zero-initialised heads hide nothing.
 BUILDS = {
@@ -23,13 +30,110 @@ BUILDS = {
 }
 
 
-
-
 def inputs(model, B=4, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, model.in_channels, model.input_size, model.input_size, generator=g)
     return x, torch.randint(0, 1000, (B,), generator=g), torch.randint(0, 10, (B,), generator=g)
 
+
+# ----- The backbone contract (README.md, "The backbone contract") -----
+
+# The CPU-sized registry entry of each backbone, and the input size it runs at here.
+TINY = {"dit": ("DiT-Tiny", 8), "uvit": ("U-ViT-Tiny", 8), "diffit": ("DiffiT-Tiny", 16), "genvit": ("GenViT-Tiny", 8)}
+ATTRIBUTES = ("input_size", "patch_size", "in_channels", "out_channels", "hidden_size", "depth", "num_heads",
+              "num_classes", "class_dropout_prob", "learn_sigma", "attention", "grad_checkpoint", "class_cond",
+              "null_label")
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_backbone_contract(backbone):
+    """Registry, constructor keywords, attributes, forward(x, t, y=None, force_drop_ids=None) and what forward
+    leaves to others (no guidance method, no input checks), for every backbone alike."""
+    assert set(TINY) == set(BACKBONES)
+    module = importlib.import_module(BACKBONES[backbone])
+    assert isinstance(module.MODELS, dict) and all(callable(c) for c in module.MODELS.values())
+    for ctor in module.MODELS.values():  # every entry takes the shared keywords (built without memory)
+        with torch.device("meta"):
+            model = ctor(learn_sigma=True, attention="math", grad_checkpoint=True)
+        assert all(hasattr(model, a) for a in ATTRIBUTES) and model.out_channels == 2 * model.in_channels
+    name, size = TINY[backbone]
+    conditional = backbone != "genvit"  # GenViT's denoiser takes no labels; its num_classes is HybViT's head
+    settings = [dict(num_classes=0, class_dropout_prob=0.0, learn_sigma=False),
+                dict(num_classes=10, class_dropout_prob=0.0, learn_sigma=True, attention="math")]
+    if conditional:
+        settings.append(dict(num_classes=10, class_dropout_prob=0.1, learn_sigma=False, grad_checkpoint=True))
+    for kw in settings:
+        torch.manual_seed(0)
+        model = randomized(build_model(backbone, name, input_size=size, in_channels=3, **kw))
+        assert isinstance(model, nn.Module) and all(hasattr(model, a) for a in ATTRIBUTES)
+        expect = {"input_size": size, "in_channels": 3, "attention": "sdpa", "grad_checkpoint": False, **kw}
+        assert {k: getattr(model, k) for k in expect} == expect
+        assert model.out_channels == (6 if kw["learn_sigma"] else 3)
+        assert model.class_cond is (conditional and kw["num_classes"] > 0)
+        assert model.null_label == (10 if model.class_cond and kw["class_dropout_prob"] > 0 else None)
+        assert not any("cfg" in a or "guid" in a for a in dir(model))  # one guidance path: diffusion's
+        x, t, y = inputs(model, B=3)
+        model.eval()
+        with torch.no_grad():
+            out = model(x, t, y if model.class_cond else None)
+            assert out.shape == (3, model.out_channels, size, size) and out.dtype == torch.float32
+            assert torch.allclose(model(x, t.float(), y), out, atol=1e-5)  # integer or float network time
+            if not model.class_cond:  # y is ignored
+                assert torch.equal(model(x, t, y), out) and torch.equal(model(x, t, (y + 1) % 10), out)
+            elif model.null_label is not None:  # force_drop_ids: exactly those labels become the null label
+                drop = torch.tensor([1, 0, 1])
+                dropped = model(x, t, y, force_drop_ids=drop)
+                mixed = model(x, t, torch.where(drop == 1, torch.full_like(y, model.null_label), y))
+                torch.testing.assert_close(dropped, mixed, atol=1e-6, rtol=1e-6)
+                assert not torch.allclose(dropped, out, atol=1e-4)
+    with pytest.raises(RunError, match=f"cannot build {name}: attention='flash' is not supported"):
+        build_model(backbone, name, attention="flash")
+    if not conditional:
+        with pytest.raises(RunError, match="unconditional"):
+            build_model(backbone, name, class_dropout_prob=0.1)
+
+
+# ----- backbones.check_inputs: one-line errors for inputs that do not fit -----
+
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_check_inputs_one_line_errors(name):
+    model = BUILDS[name](class_dropout_prob=0.1).eval()  # 10 classes + the null label 10
+    x, t, y = inputs(model, B=2)
+    C, S = model.in_channels, model.input_size
+    cases = [((x[:, :1], t, y), f"x must have shape \\(B, {C}, {S}, {S}\\)"),
+             ((torch.randn(2, C + 1, S, S), t, y), "x must have shape"),
+             ((x[..., :S // 2, :S // 2], t, y), "x must have shape"), ((x[0], t, y), "x must have shape"),
+             ((x, t[:1], y), "t must be a tensor of shape \\(2,\\)"), ((x, t[:, None], y), "t must be a"),
+             ((x, torch.tensor([1, 2, 3]), y), "t must be a"), ((x, 5, y), "t must be a tensor of shape"),
+             ((x, t, None), "class-conditional model: pass y"), ((x, t, y.float()), "integer"),
+             ((x, t, y[:1]), "integer tensor of shape"), ((x, t, torch.tensor([3, 11])), "labels must lie in 0..10"),
+             ((x, t, torch.tensor([-1, 0])), "labels must lie in 0..10")]
+    for args, match in cases:
+        with pytest.raises(RunError, match=match):
+            check_inputs(model, *args)
+    check_inputs(model, x, t, torch.tensor([3, 10]))  # the null label itself is a valid input (CFG)
+    with torch.no_grad():
+        model(x, t, torch.tensor([3, 10]))
+    no_null = BUILDS[name](class_dropout_prob=0.0)
+    with pytest.raises(RunError, match="labels must lie in 0..9 \\(null label None\\)"):
+        check_inputs(no_null, x, t, torch.tensor([3, 10]))
+
+
+@pytest.mark.parametrize("build", [lambda: uvit.MODELS["U-ViT-Tiny"](input_size=8),
+                                   lambda: genvit.MODELS["GenViT-Tiny"](num_classes=10)])
+def test_check_inputs_of_a_model_without_labels(build):
+    """Unconditional U-ViT and GenViT (whose num_classes is its classifier head): y is not checked, x and t are."""
+    model = build()
+    x, t = torch.randn(2, 3, model.input_size, model.input_size), torch.tensor([1, 2])
+    for y in (None, torch.tensor([4.0, 7.0]), torch.tensor([4, 70])):
+        check_inputs(model, x, t, y)
+    with pytest.raises(RunError, match="x must have shape"):
+        check_inputs(model, torch.randn(2, 3, 16, 16), t)
+    with pytest.raises(RunError, match="x must have shape"):
+        check_inputs(model, torch.randn(2, 4, model.input_size, model.input_size), t)
+
+
+# ----- Label dropout and torch.compile -----
 
 @pytest.mark.parametrize("name", sorted(BUILDS))
 def test_label_dropout_prob_one(name):
@@ -53,8 +157,8 @@ def test_label_dropout_prob_one(name):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name", sorted(BUILDS))
 def test_forward_compiles_without_graph_breaks(name, mode):
-    """int(y.min()) in the label-range check would break the graph (measured: compiled DiT-S/2 training 1.17x
-    slower than eager on a CPU before the check was skipped while tracing); eager still checks the range."""
+    """A check in forward such as int(y.min()) would break the graph (measured: compiled DiT-S/2 training 1.17x
+    slower than eager on a CPU with a label-range check in forward); check_inputs, outside, still checks the range."""
     model = getattr(BUILDS[name](class_dropout_prob=0.1), mode)()
     x, t, y = inputs(model, B=2)
     torch._dynamo.reset()
@@ -63,5 +167,5 @@ def test_forward_compiles_without_graph_breaks(name, mode):
     finally:
         torch._dynamo.reset()
     assert report.graph_break_count == 0 and report.graph_count == 1, report.break_reasons
-    with pytest.raises(ValueError, match="labels must lie in"):
-        model(x, t, torch.tensor([0, 11]))
+    with pytest.raises(RunError, match="labels must lie in"):
+        check_inputs(model, x, t, torch.tensor([0, 11]))

@@ -1,7 +1,8 @@
 """Tests for bench.py: the analytic FLOP counter against hand formulas and the papers' tables, a tiny end-to-end
 benchmark run, what the CPU peak-memory figure means, the compile fallback and the one-line errors; for
 gpu_report.py the peak-FLOPs table and MFU arithmetic, the --smoke report end to end (every row, its settings and
-figures), the budget mechanism, per-row failures and out-of-memory handling, and --make-subset. CPU only.
+figures), the budget mechanism, per-row failures and out-of-memory handling, --make-subset (cifar_subset.py) and
+--markdown (gpu_markdown.py). CPU only.
 
 Paper figures cited: DiT (Peebles & Xie 2023, arXiv 2212.09748) Table 4 "Gflops"; U-ViT (Bao et al. 2023,
 arXiv 2209.12152) Table 7 (appendix) GFLOPs; DiffiT (Hatamizadeh et al. 2024, arXiv 2312.02139) Table 9. Numbers
@@ -19,8 +20,10 @@ import torch
 import torch.nn as nn
 
 import bench
+import cifar_subset
 import dit
 import diffit
+import gpu_markdown
 import gpu_report
 import uvit
 
@@ -269,7 +272,6 @@ def test_mfu_arithmetic():
     # DiT-XL/2 (118.62 GMACs) training at 400 img/s on an H100 SXM: 284.7 TFLOP/s of 989 = 28.79%
     assert bench.mfu(118.62e9, 400, bench.peak_flops_by_name("NVIDIA H100 80GB HBM3", "bf16")) == \
         pytest.approx(0.2878543984, rel=1e-9)
-    assert bench.sampler_nfe("heun", 18) == 35 and bench.sampler_nfe("ddpm", 250) == 250  # EDM Table 2: 35 NFE
     assert bench.peak_flops(torch.device("cpu"), "bf16") is None
 
 
@@ -363,14 +365,14 @@ def test_smoke_sampling_sdpa_vae_and_training_run_rows(smoke):
 
 
 def test_markdown_fills_the_benchmarks_layout(smoke):
-    text = gpu_report.markdown(smoke["report"])
-    assert gpu_report.NOT_YET not in text
+    text = gpu_markdown.markdown(smoke["report"])
+    assert gpu_markdown.NOT_YET not in text
     assert "| DiT-XL/2 | 4 | fp32 | sdpa | eager | on |" in text  # smoke: dynamo with the eager backend
     assert "| DiffiT-CIFAR | heun | 2 (3) | 2 | fp32 |" in text
     pending = dict(rows=[dict(r, status="pending", figures=None) for r in smoke["report"]["rows"]])
-    empty = gpu_report.markdown(pending)
+    empty = gpu_markdown.markdown(pending)
     train_lines = [l for l in empty.splitlines() if l.startswith("| DiT-XL/2 |")]
-    assert len(train_lines) == 9 + 2 + 1 and all(gpu_report.NOT_YET in l for l in train_lines)  # train, sdpa, sample
+    assert len(train_lines) == 9 + 2 + 1 and all(gpu_markdown.NOT_YET in l for l in train_lines)  # train, sdpa, sample
 
 
 def test_gpu_plan_sizes_and_budgets():
@@ -444,7 +446,7 @@ def test_report_input_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros((2, 3, 16, 16), np.uint8), y=np.zeros(2))
     with pytest.raises(gpu_report.RunError, match=r"expected x uint8 \(N, 3, 32, 32\)"):
-        gpu_report.load_subset(str(bad))
+        cifar_subset.load_subset(str(bad))
     for argv, msg in [(["--make-subset", str(tmp_path), "30000", str(tmp_path / "o.npz")], "N must be in 1..20000"),
                       (["--make-subset", str(tmp_path), "10", str(tmp_path / "o.npz")], "CIFAR-10 not found"),
                       ([str(tmp_path / "r.json")], "needs a CUDA GPU")]:

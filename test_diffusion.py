@@ -1,17 +1,18 @@
-"""diffusion.py against closed forms, and every sampler against an exact oracle.
+"""diffusion.py (GaussianDiffusion, make_diffusion) against closed forms, and every sampler against an exact oracle.
 
 The oracle: for data x0 ~ N(mu, s^2) independently per dimension, x_t ~ N(a mu, a^2 s^2 + sigma^2) with
 a = sqrt(ab_t), sigma = sqrt(1 - ab_t), and the optimal noise predictor is
 E[eps | x_t] = sigma (x_t - a mu) / (a^2 s^2 + sigma^2). Samplers driven by it must return N(mu, s^2).
 """
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from diffusion import (GaussianDiffusion, discretized_gaussian_log_likelihood, make_betas, normal_kl,
-                       power_cosine_guidance, space_timesteps)
+from diffusion import (EDM, FlowMatching, GaussianDiffusion, discretized_gaussian_log_likelihood, make_betas,
+                       make_diffusion, normal_kl, power_cosine_guidance, space_timesteps)
 
 T = 1000
 MU = torch.tensor([-0.6, -0.2, 0.0, 0.3, 0.5, 0.8])
@@ -294,9 +295,19 @@ def test_samplers_are_deterministic_given_a_generator():
     d = GaussianDiffusion("linear", T)
     o = GaussianOracle(d)
     for sampler in ("ddpm", "ddim", "dpm++2m"):
-        a = d.sample(o, (8, 6, 2, 2), sampler, steps=20, eta=0.5, generator=torch.Generator().manual_seed(3))
-        b = d.sample(o, (8, 6, 2, 2), sampler, steps=20, eta=0.5, generator=torch.Generator().manual_seed(3))
+        eta = {"eta": 0.5} if sampler == "ddim" else {}  # DDIM's option only
+        a = d.sample(o, (8, 6, 2, 2), sampler, steps=20, generator=torch.Generator().manual_seed(3), **eta)
+        b = d.sample(o, (8, 6, 2, 2), sampler, steps=20, generator=torch.Generator().manual_seed(3), **eta)
         assert torch.equal(a, b)
+
+
+def test_eta_is_ddims_option_only():
+    d, o = GaussianDiffusion("linear", 100), lambda x, t: torch.zeros_like(x)
+    for sampler in ("ddpm", "dpm++2m"):
+        with pytest.raises(ValueError, match="eta is the DDIM sampler's option"):
+            d.sample(o, (1, 1, 2, 2), sampler, steps=5, eta=0.0)
+    assert d.sample(o, (1, 1, 2, 2), "ddim", steps=5, eta=1.0, generator=torch.Generator().manual_seed(0)).shape \
+        == (1, 1, 2, 2)
 
 
 class TwoOracles:
@@ -382,12 +393,8 @@ def test_schedule_tables_are_copied_to_the_device_once(monkeypatch):
     assert calls == []
 
 
-def test_power_cosine_guidance_schedule():
-    s = power_cosine_guidance(4.6, power=4)
-    vals = s(torch.tensor([999, 500, 0]))
-    assert vals[0].item() == pytest.approx(1.0, abs=1e-6)
-    assert vals[2].item() == pytest.approx(4.6)
-    assert vals[1].item() == pytest.approx(1 + 3.6 * 0.5 * (1 - math.cos(math.pi * 0.5 ** 4)))
+def test_power_cosine_guidance_gets_the_original_t():
+    s = power_cosine_guidance(4.6, power=4)  # its closed form: test_formulations.py
     # a schedule is accepted by every sampler in place of a constant scale
     d = GaussianDiffusion("linear", T)
     oracle = TwoOracles(d, torch.full((6,), 0.4), torch.full((6,), -0.2), null=10)
@@ -408,3 +415,47 @@ def test_bad_arguments_raise_clear_errors():
         GaussianDiffusion().sample(lambda x, t: x, (1, 1, 2, 2), "euler")
     with pytest.raises(ValueError, match="learn_sigma"):
         GaussianDiffusion(learn_sigma=True).training_losses(lambda x, t: x, torch.zeros(1, 3, 2, 2))
+
+
+# ------------------------------------------------------------------ make_diffusion
+
+def test_make_diffusion_round_trips_config():
+    cases = [GaussianDiffusion(), GaussianDiffusion("cosine", 500, prediction="v", learn_sigma=True),
+             GaussianDiffusion().respaced(10, "logsnr"), EDM(sigma_data=1.0, rho=5.0),
+             FlowMatching("logit_normal", 0.2, 1.1)]
+    for d in cases:
+        cfg = json.loads(json.dumps(d.config()))
+        assert cfg["formulation"] == d.formulation and set(d.DEFAULT_STEPS) == set(d.SAMPLERS)
+        r = make_diffusion(**cfg)
+        assert type(r) is type(d) and r.config() == d.config()
+    r = make_diffusion(**cases[2].config())
+    np.testing.assert_allclose(r.alphas_cumprod, cases[2].alphas_cumprod, rtol=1e-12)
+    np.testing.assert_array_equal(r.timestep_map, cases[2].timestep_map)
+    assert make_diffusion(**GaussianDiffusion("cosine").config()).schedule == "cosine"
+    with pytest.raises(TypeError, match="formulation"):  # the class takes only its own options
+        GaussianDiffusion(**GaussianDiffusion("cosine").config())
+    assert GaussianDiffusion().DEFAULT_STEPS == {"ddpm": 250, "ddim": 50, "dpm++2m": 25}
+    assert isinstance(make_diffusion(), GaussianDiffusion)  # the default formulation
+    with pytest.raises(ValueError, match="'score'"):
+        make_diffusion("score")
+    with pytest.raises(ValueError, match=r"\['P_mean_x', 'sigma'\]"):
+        make_diffusion("edm", sigma=1.0, P_mean_x=0.0)
+    with pytest.raises(ValueError, match="schedule"):
+        make_diffusion("flow", schedule="linear")
+
+
+
+
+def test_make_diffusion_rebuilds_old_checkpoint_configs():
+    """Configs recorded by older train_cifar.py versions: no formulation (DDPM), or learn_sigma=False beside EDM
+    and flow, which have no learned variance."""
+    old = make_diffusion(schedule="linear", timesteps=1000, prediction="eps", learn_sigma=True, fixed_variance="large")
+    assert isinstance(old, GaussianDiffusion) and old.learn_sigma
+    for cfg, cls in [({"formulation": "edm"}, EDM), ({"formulation": "flow"}, FlowMatching),
+                     ({"formulation": "edm", "learn_sigma": False, "loss_type": "l2"}, EDM),
+                     ({"formulation": "flow", "learn_sigma": False}, FlowMatching)]:
+        d = make_diffusion(**cfg)
+        assert type(d) is cls and d.learn_sigma is False and make_diffusion(**d.config()).config() == d.config()
+    for f in ("edm", "flow"):
+        with pytest.raises(ValueError, match="learn_sigma=True is for 'ddpm' only"):
+            make_diffusion(f, learn_sigma=True)

@@ -1,5 +1,5 @@
-"""Tests for fid.py: Frechet distance against closed forms, the Inception's exact state_dict, pinned
-preprocessing, weights checksum handling, statistics and the CLI end to end with a stand-in feature network."""
+"""Tests for fid.py and fid_inception.py: Frechet distance against closed forms, the Inception's exact state_dict,
+pinned preprocessing, weights checksum handling, statistics and the CLI end to end with a stand-in feature network."""
 import hashlib
 import json
 import os
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fid
+import fid_inception
 from errors import RunError
 
 REF_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "fid_inception_keys.json")
@@ -101,7 +102,7 @@ def test_frechet_rejects_bad_input():
 def test_state_dict_matches_reference_keys_and_shapes():
     with open(REF_KEYS) as f:
         ref = json.load(f)
-    model = fid.InceptionV3FID()
+    model = fid_inception.InceptionV3FID()
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert sorted(set(ours) - set(ref)) == []  # nothing extra
     assert sorted(set(ref) - set(ours)) == []  # nothing missing
@@ -118,23 +119,23 @@ def test_strict_load_of_reference_state_dict():
     with open(REF_KEYS) as f:
         ref = json.load(f)
     sd = {k: torch.full(s, float(i)) if s else torch.tensor(7) for i, (k, s) in enumerate(ref.items())}
-    model = fid.InceptionV3FID()
+    model = fid_inception.InceptionV3FID()
     model.load_state_dict(sd, strict=True)
     assert torch.equal(model.fc.weight, sd["fc.weight"])
     # an old checkpoint without num_batches_tracked loads too (into a fresh model, so that every value checked
     # below comes from this load), the counters filled with 0; a missing weight does not load
     old = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    fresh = fid.load_fid_state_dict(fid.InceptionV3FID(), old)
+    fresh = fid_inception.load_fid_state_dict(fid_inception.InceptionV3FID(), old)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in old.items())
     assert all(v.item() == 0 for k, v in fresh.state_dict().items() if k.endswith("num_batches_tracked"))
     del old["Mixed_6e.branch7x7dbl_5.conv.weight"]
     with pytest.raises(RuntimeError, match="Mixed_6e.branch7x7dbl_5.conv.weight"):
-        fid.load_fid_state_dict(fresh, old)
+        fid_inception.load_fid_state_dict(fresh, old)
 
 
 def test_forward_shapes_and_eval_mode():
     torch.manual_seed(0)
-    model = fid.InceptionV3FID()
+    model = fid_inception.InceptionV3FID()
     model.train()  # must be ignored: BatchNorm keeps the running statistics
     assert not any(m.training for m in model.modules())
     x = torch.rand(2, 3, 32, 32)  # resized to 299 inside; 32x32 would not survive the stem otherwise
@@ -147,11 +148,11 @@ def test_forward_shapes_and_eval_mode():
 
 
 @pytest.mark.parametrize("block, c_in, order", [
-    (fid.FIDInceptionA(192, 32), 192, ["branch1x1", "branch5x5_2", "branch3x3dbl_3", "branch_pool"]),
-    (fid.InceptionB(288), 288, ["branch3x3", "branch3x3dbl_3", None]),
-    (fid.FIDInceptionC(768, 128), 768, ["branch1x1", "branch7x7_3", "branch7x7dbl_5", "branch_pool"]),
-    (fid.InceptionD(768), 768, ["branch3x3_2", "branch7x7x3_4", None]),
-    (fid.FIDInceptionE(1280), 1280,
+    (fid_inception.FIDInceptionA(192, 32), 192, ["branch1x1", "branch5x5_2", "branch3x3dbl_3", "branch_pool"]),
+    (fid_inception.InceptionB(288), 288, ["branch3x3", "branch3x3dbl_3", None]),
+    (fid_inception.FIDInceptionC(768, 128), 768, ["branch1x1", "branch7x7_3", "branch7x7dbl_5", "branch_pool"]),
+    (fid_inception.InceptionD(768), 768, ["branch3x3_2", "branch7x7x3_4", None]),
+    (fid_inception.FIDInceptionE(1280), 1280,
      ["branch1x1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool"]),
 ])
 def test_branch_concat_order(block, c_in, order):
@@ -171,7 +172,7 @@ def test_branch_concat_order(block, c_in, order):
 def test_pool_branches_follow_tf():
     # a spike in the corner of a 3x3 map; pool branch = identity 1x1 conv on channel 0 (it is concatenated last).
     # TF avg pool ignores padding: 9/4 at the corner, 9/9 in the centre; Mixed_7c max-pools: 9 and 9.
-    model = fid.InceptionV3FID()
+    model = fid_inception.InceptionV3FID()
     for name, want in [("Mixed_5b", (2.25, 1.0, 0.0)), ("Mixed_6b", (2.25, 1.0, 0.0)),
                        ("Mixed_7b", (2.25, 1.0, 0.0)), ("Mixed_7c", (9.0, 9.0, 0.0))]:
         block = getattr(model, name)
@@ -192,7 +193,7 @@ def test_preprocess_pinned_on_2x2_image():
     img = np.array([[[0, 10, 20], [255, 30, 40]],
                     [[51, 50, 60], [102, 70, 80]]], dtype=np.uint8)[None]  # (1, 2, 2, 3) NHWC
     x = fid.to_uint8_nchw(img).float() / 255
-    y = fid.preprocess(x)[0]  # (3, 299, 299)
+    y = fid_inception.preprocess(x)[0]  # (3, 299, 299)
     assert y.shape == (3, 299, 299)
     p = torch.from_numpy(img[0]).permute(2, 0, 1).double() / 255 * 2 - 1  # (3, 2, 2) in [-1, 1]
     for (i, j), (a, b) in {(0, 0): (0, 0), (0, 298): (0, 1), (298, 0): (1, 0), (298, 298): (1, 1)}.items():
@@ -241,43 +242,43 @@ def test_download_checks_sha1(tmp_path, monkeypatch):
     src = tmp_path / "fake.pth"
     src.write_bytes(b"not the inception weights" * 1000)
     url = src.as_uri()  # file://...
-    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", url)
+    monkeypatch.setattr(fid_inception, "FID_WEIGHTS_URL", url)
     monkeypatch.delenv("FID_WEIGHTS", raising=False)
     cache = tmp_path / "cache"
     dst = cache / "fake.pth"
     with pytest.raises(RunError) as e:  # bad checksum: clear message naming the URL and the destination
-        fid.fid_weights_path(cache_dir=str(cache), progress=False)
+        fid_inception.fid_weights_path(cache_dir=str(cache), progress=False)
     assert "checksum mismatch" in str(e.value) and url in str(e.value) and str(dst) in str(e.value)
     assert os.listdir(cache) == []  # neither the bad file nor a temp file is left
-    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", (tmp_path / "missing.pth").as_uri())
+    monkeypatch.setattr(fid_inception, "FID_WEIGHTS_URL", (tmp_path / "missing.pth").as_uri())
     with pytest.raises(RunError, match="could not download .*by hand"):  # offline / not found
-        fid.fid_weights_path(cache_dir=str(cache), progress=False)
-    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", url)
-    monkeypatch.setattr(fid, "FID_WEIGHTS_SHA1", hashlib.sha1(src.read_bytes()).hexdigest())
-    assert fid.fid_weights_path(cache_dir=str(cache), progress=False) == str(dst)
+        fid_inception.fid_weights_path(cache_dir=str(cache), progress=False)
+    monkeypatch.setattr(fid_inception, "FID_WEIGHTS_URL", url)
+    monkeypatch.setattr(fid_inception, "FID_WEIGHTS_SHA1", hashlib.sha1(src.read_bytes()).hexdigest())
+    assert fid_inception.fid_weights_path(cache_dir=str(cache), progress=False) == str(dst)
     assert dst.read_bytes() == src.read_bytes() and os.listdir(cache) == ["fake.pth"]
     src.unlink()  # cached now: no second download
-    assert fid.fid_weights_path(cache_dir=str(cache), progress=False) == str(dst)
+    assert fid_inception.fid_weights_path(cache_dir=str(cache), progress=False) == str(dst)
 
 
 def test_build_inception_from_weights_file(tmp_path, monkeypatch):
     torch.manual_seed(1)
-    sd = {k: v for k, v in fid.InceptionV3FID().state_dict().items() if not k.endswith("num_batches_tracked")}
+    sd = {k: v for k, v in fid_inception.InceptionV3FID().state_dict().items() if not k.endswith("num_batches_tracked")}
     for k, v in sd.items():
         if "running_var" in k:
             v.uniform_(0.5, 2.0)
     path = tmp_path / "w.pth"
     torch.save(sd, path)
     with pytest.raises(RunError, match="expected .*not pytorch-fid's FID Inception weights"):
-        fid.build_inception(weights=str(path), progress=False)
-    monkeypatch.setattr(fid, "FID_WEIGHTS_SHA1", fid.sha1_of(str(path)))
+        fid_inception.build_inception(weights=str(path), progress=False)
+    monkeypatch.setattr(fid_inception, "FID_WEIGHTS_SHA1", fid_inception.sha1_of(str(path)))
     monkeypatch.setenv("FID_WEIGHTS", str(path))
-    model = fid.build_inception(progress=False)  # via $FID_WEIGHTS
+    model = fid_inception.build_inception(progress=False)  # via $FID_WEIGHTS
     assert not model.training
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
     monkeypatch.setenv("FID_WEIGHTS", str(tmp_path / "nope.pth"))
     with pytest.raises(RunError, match="nope.pth does not exist; download .*pytorch-fid"):
-        fid.build_inception(progress=False)
+        fid_inception.build_inception(progress=False)
 
 # ----- Statistics and Inception Score -----
 

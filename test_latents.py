@@ -93,7 +93,8 @@ def test_latent_recipes_are_the_papers():
     assert (dit.model, dit.lr, dit.weight_decay, dit.batch_size, dit.ema_decay, dit.learn_sigma, dit.sampler,
             dit.sample_steps) == ("DiT-XL/2", 1e-4, 0.0, 256, 0.9999, True, "ddpm", 250)
     uvit = train_cifar.parse_args(["--backbone", "uvit", "--dataset", "latents"])
-    assert (uvit.model, uvit.schedule, uvit.betas, uvit.batch_size) == ("U-ViT-H/2", "scaled_linear", [0.99, 0.99], 1024)
+    assert (uvit.model, uvit.schedule, uvit.betas, uvit.batch_size) == ("U-ViT-H/2", "scaled_linear", [0.99, 0.99],
+                                                                        1024)
     assert train_cifar.parse_args(["--backbone", "diffit", "--dataset", "latents"]).lr == 3e-4
 
 

@@ -1,7 +1,8 @@
 """
-sample.py on official release files: bare state_dicts in the DiT / U-ViT / DiffiT layouts (built here from our
-registry at small sizes, saved as the releases store them: .pt, .pth, .safetensors) are recognised by their keys and
-shapes, loaded strictly, given their paper's sampling defaults, and sampled through a tiny SD-VAE to a uint8 npz.
+official.py and sample.py on official release files: bare state_dicts in the DiT / U-ViT / DiffiT layouts (built here
+from our registry at small sizes, saved as the releases store them: .pt, .pth, .safetensors) are recognised by their
+keys and shapes, loaded strictly, given their paper's sampling defaults, and sampled through a tiny SD-VAE to a uint8
+npz.
 """
 import json
 import os
@@ -12,6 +13,7 @@ import torch
 
 import diffit
 import dit
+import official
 import sample
 import uvit
 import vae
@@ -30,8 +32,6 @@ OFFICIAL = {
                                            num_heads=4, num_classes=10, class_dropout_prob=0.1),
                "diffit_256.safetensors", []),  # the head count is in the bias tables' shape
 }
-
-
 
 
 def release_file(tmp_path, backbone):
@@ -65,10 +65,10 @@ def tiny_vae(tmp_path_factory):
 @pytest.mark.parametrize("backbone", sorted(OFFICIAL))
 def test_release_is_recognised_loaded_strictly_and_sampled(tmp_path, tiny_vae, backbone):
     model, path, extra = release_file(tmp_path, backbone)
-    sd = sample.read_weights(path)
-    spec = sample.recognise(sd, path, extra[1] if extra else None)
+    sd = official.read_weights(path)
+    spec = official.recognise(sd, path, extra[1] if extra else None)
     assert spec["backbone"] == backbone and spec["model_kwargs"]["num_classes"] == 10
-    loaded, _ = sample.load_official(sd, path, sample.parse_args(["--ckpt", path, *extra]), "cpu")
+    loaded, _ = official.load_official(sd, path, extra[1] if extra else None, "cpu")
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 10])
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), model(x, t, y))  # the same network, strictly loaded
@@ -85,7 +85,7 @@ def test_paper_sampling_defaults(tmp_path):
     specs = {}
     for backbone in OFFICIAL:
         _, path, extra = release_file(tmp_path, backbone)
-        specs[backbone] = sample.recognise(sample.read_weights(path), path, extra[1] if extra else None)
+        specs[backbone] = official.recognise(official.read_weights(path), path, extra[1] if extra else None)
     d = specs["dit"]["defaults"]
     assert (d["sampler"], d["steps"], d["cfg_scale"], d["cfg_channels"]) == ("ddpm", 250, 1.5, 3)  # DiT sample_ddp
     u = specs["uvit"]
@@ -97,14 +97,14 @@ def test_paper_sampling_defaults(tmp_path):
     s = f["defaults"]["cfg_scale"](torch.tensor([999, 0]))  # power-cosine: ~1 at the start, 4.6 at t = 0
     assert s[0].item() == pytest.approx(1.0, abs=1e-6) and s[1].item() == pytest.approx(4.6)
     args = sample.parse_args(["--ckpt", "x", "--sampler", "ddim"])
-    assert args.steps is None and args.cfg_scale is None  # filled from the file's defaults in prepare()
+    assert args.steps is None and args.cfg_scale is None  # sample.resolve fills them from the file's defaults
 
 
 def test_dit_xl2_layout_is_recognised_without_model_flag():
     """The real DiT-XL/2 release (meta device: no memory): heads from the registry config of its size."""
     with torch.device("meta"):
         sd = dit.MODELS["DiT-XL/2"](input_size=32, in_channels=4, num_classes=1000).state_dict()
-    spec = sample.recognise(sd, "DiT-XL-2-256x256.pt")
+    spec = official.recognise(sd, "DiT-XL-2-256x256.pt")
     kw = spec["model_kwargs"]
     assert spec["model_name"] == "DiT-XL/2" and (kw["depth"], kw["num_heads"], kw["input_size"]) == (28, 16, 32)
     assert (kw["num_classes"], kw["learn_sigma"]) == (1000, True)

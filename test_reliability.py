@@ -22,6 +22,7 @@ import checkpoints
 import errors
 import files
 import fid
+import runs
 import sample
 import train_cifar
 from diffusion import GaussianDiffusion
@@ -169,10 +170,10 @@ def test_log_is_rewritten_atomically(tmp_path, monkeypatch):
     real = os.replace
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
     with pytest.raises(errors.RunError, match="No space left"):
-        train_cifar.read_log(str(log), 50)
+        runs.read_log(str(log), 50)
     monkeypatch.setattr(os, "replace", real)
     assert log.read_text() == "".join(lines) and os.listdir(tmp_path) == ["log.jsonl"]
-    assert [r["step"] for r in train_cifar.read_log(str(log), 50)] == list(range(1, 51))
+    assert [r["step"] for r in runs.read_log(str(log), 50)] == list(range(1, 51))
 
 
 # ----- Bad inputs: one line, non-zero exit, nothing changed -----

@@ -310,7 +310,8 @@ def test_recipes_are_the_papers_and_flags_override_them():
     dit = train_cifar.parse_args(["--backbone", "dit", "--lr", "3e-4", "--no-learn-sigma"])
     assert (dit.model, dit.lr, dit.weight_decay, dit.warmup, dit.learn_sigma) == ("DiT-S/2", 3e-4, 0.0, 0, False)
     assert train_cifar.parse_args(["--backbone", "diffit"]).model == "DiffiT-CIFAR"
-    # the default U-ViT is the paper's CIFAR-10 U-ViT-S/2: 44,255,328 parameters (U-ViT Table 1; official libs/uvit.py count)
+    # the default U-ViT is the paper's CIFAR-10 U-ViT-S/2: 44,255,328 parameters (U-ViT Table 1; official
+    # libs/uvit.py count)
     with torch.device("meta"):
         model = backbones.build_model("uvit", "U-ViT-S/2", input_size=32, in_channels=3, num_classes=0,
                                         class_dropout_prob=0.0, learn_sigma=False)

@@ -1,8 +1,8 @@
 """
 The Stable Diffusion VAE (vae.py): the exact diffusers layout and parameter count of sd-vae-ft-ema/-mse (on the
 meta device), every checkpoint route giving bit-identical outputs, the CompVis/LDM <-> diffusers name map both
-ways, the attention maths, the safetensors reader against files built byte by byte from the format, and the
-errors a user sees for bad input. Tiny configs only; nothing is downloaded.
+ways, the attention maths, the safetensors reader (safetensors_io.py) against files built byte by byte from the
+format, and the errors a user sees for bad input. Tiny configs only; nothing is downloaded.
 """
 import json
 import os
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import vae
 from conftest import randomized
 from errors import RunError
-from vae import AutoencoderKL, diffusers_to_ldm, ldm_to_diffusers, load_safetensors, load_vae, save_safetensors
+from safetensors_io import load_safetensors, save_safetensors
+from vae import AutoencoderKL, diffusers_to_ldm, ldm_to_diffusers, load_vae
 
 REF = Path(__file__).resolve().parent / "reference"  # facts from the official code, see reference/README.md
 # norm_num_groups 32: a config-less file is read as 32 groups (the only value in released kl-f* VAEs)
@@ -353,6 +354,11 @@ def test_safetensors_byte_by_byte(pad, tmp_path):
     assert out["scalar"].shape == () and out["scalar"].item() == 3.25
     assert out["empty"].shape == (0, 3) and out["empty"].dtype == torch.float16
     assert out["last"].tolist() == [-9]
+
+
+def test_vae_keeps_the_safetensors_names():
+    """vae.load_safetensors / vae.save_safetensors stay importable where they were."""
+    assert vae.load_safetensors is load_safetensors and vae.save_safetensors is save_safetensors
 
 
 def test_save_safetensors_round_trip_and_layout(tmp_path):

@@ -4,9 +4,10 @@ U-ViT treats everything as a token (§3.1). The diffusion time, the class label 
 sequence for a plain pre-norm ViT. Long skip connections join shallow and deep blocks (§3.1, Fig. 1). Parameter
 names and shapes follow the official baofff/U-ViT libs/uvit.py, so the released .pth state_dicts load with
 strict=True. The official ImageNet tables have 1001 rows; load them with num_classes=1000 and class_dropout_prob > 0.
-The small primitives (timestep_embedding, PatchEmbed, unpatchify, Attention, Mlp, run_block, _check_inputs, ...)
-are written identically in dit.py, uvit.py, diffit.py and genvit.py (each file has those it uses), so each
-file stands alone and a diff between two backbones shows only what the papers change.
+The forward follows README "The backbone contract"; classifier-free guidance is diffusion.classifier_free_guidance.
+The small primitives (timestep_embedding, PatchEmbed, unpatchify, Attention, Mlp, run_block, ...) are written
+identically in dit.py, uvit.py, diffit.py and genvit.py (each file has those it uses), so each file stands alone
+and a diff between two backbones shows only what the papers change.
 """
 import math
 from functools import partial
@@ -121,38 +122,6 @@ def run_block(model, block, *args):
     return block(*args)
 
 
-def _check_image(model, x, t):
-    """One-line errors for inputs that do not fit the model: x (B, in_channels, input_size, input_size), t (B,)."""
-    want = (model.in_channels, model.input_size, model.input_size)
-    if x.ndim != 4 or tuple(x.shape[1:]) != want:
-        raise ValueError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
-    if not torch.is_tensor(t) or t.shape != (x.shape[0],):
-        got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-        raise ValueError(f"t must be a tensor of shape ({x.shape[0]},), one timestep per sample, got {got}")
-
-
-def _check_inputs(model, x, t, y):
-    """_check_image, and for a class-conditional model integer labels y (B,) in 0..num_classes - 1 or the null
-    label."""
-    _check_image(model, x, t)
-    B = x.shape[0]
-    if model.num_classes == 0:
-        return  # unconditional: y is ignored
-    rows = model.num_classes + (model.null_label is not None)  # label table rows, null label included
-    if y is None:
-        raise ValueError(f"class-conditional model: pass y of shape ({B},) with labels in 0..{rows - 1} "
-                         f"(null label {model.null_label})")
-    if not torch.is_tensor(y) or y.shape != (B,) or y.dtype.is_floating_point or y.dtype.is_complex:
-        got = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
-        raise ValueError(f"y must be an integer tensor of shape ({B},), got {got}")
-    # Range check on CPU tensors only: on a GPU, int(y.min()) would sync the device every step. Skipped while
-    # torch.compile traces: the Python ints would break the graph.
-    if y.device.type == "cpu" and B and not torch.compiler.is_compiling():
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= rows:
-            raise ValueError(f"labels must lie in 0..{rows - 1} (null label {model.null_label}), got min {lo} max {hi}")
-
-
 # ----- The model -----
 
 class UViT(nn.Module):
@@ -180,7 +149,7 @@ class UViT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
-        self.attention, self.grad_checkpoint = attention, grad_checkpoint
+        self.class_cond, self.attention, self.grad_checkpoint = num_classes > 0, attention, grad_checkpoint
         self.extras = 2 if num_classes > 0 else 1  # label + time tokens, or time only
         num_patches = (input_size // patch_size) ** 2
         block = partial(Block, hidden_size, num_heads, mlp_ratio, qkv_bias, attention)
@@ -231,13 +200,12 @@ class UViT(nn.Module):
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, x, t, y=None, force_drop_ids=None):
-        """x (B, C, H, W), t (B,) DDPM index 0..999, y (B,) labels or None -> (B, C_out, H, W);
+        """x (B, C, H, W), t (B,) network time, y (B,) labels or None -> (B, C_out, H, W);
         force_drop_ids (B,) 0/1 drops exactly those labels instead of at random (DiT's LabelEmbedder argument).
 
-        The official CIFAR-10 model was trained in continuous VP-SDE time and fed t*999 as a float. Our shared
-        diffusion module is discrete (T=1000) and feeds the integer index, which lies on the same 0..999 scale, so
-        the embedding sees the same range (the official discrete-time H models take an integer n as well)."""
-        _check_inputs(self, x, t, y)
+        The official CIFAR-10 model was trained in continuous VP-SDE time and fed t*999 as a float. Under DDPM our
+        diffusion module feeds the integer index, on the same 0..999 scale, so the embedding sees the same range
+        (the official discrete-time H models take an integer n as well); flow matching feeds 999 t, EDM ln(sigma)/4."""
         x = self.patch_embed(x)  # (B, N, D)
         time_token = self.time_embed(timestep_embedding(t, self.hidden_size).to(x.dtype))  # (B, D)
         tokens = [time_token[:, None], x]
