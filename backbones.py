@@ -12,15 +12,22 @@ BACKBONES = {"dit": "dit", "uvit": "uvit", "diffit": "diffit", "genvit": "genvit
 
 def build_model(backbone, model_name, **kwargs):
     """MODELS[model_name](**kwargs) from the backbone's module."""
+    try:
+        return importlib.import_module(BACKBONES[backbone]).MODELS[model_name](**kwargs)
+    except (KeyError, ValueError, TypeError) as e:
+        raise build_error(backbone, model_name, e) from None
+
+
+def build_error(backbone, model_name, e):
+    """The RunError for an unknown backbone or model name, or a model its kwargs cannot build."""
     if backbone not in BACKBONES:
-        raise RunError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        return RunError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     models = importlib.import_module(BACKBONES[backbone]).MODELS
     if model_name not in models:
-        raise RunError(f"unknown {backbone} model {model_name!r}; choose one of {', '.join(models)}")
-    try:
-        return models[model_name](**kwargs)
-    except (ValueError, TypeError) as e:
-        raise RunError(f"cannot build {model_name}: {e} (check --image-size, --model-arg)") from None
+        return RunError(f"unknown {backbone} model {model_name!r}; choose one of {', '.join(models)}")
+    if isinstance(e, KeyError):  # raised inside the model's constructor: not ours to explain
+        return e
+    return RunError(f"cannot build {model_name}: {e} (check --image-size, --model-arg)")
 
 
 def load_model(ckpt, use_ema, device, path="checkpoint"):
@@ -29,10 +36,14 @@ def load_model(ckpt, use_ema, device, path="checkpoint"):
     try:
         model.load_state_dict(ckpt["ema" if use_ema else "model"])
     except RuntimeError as e:
-        raise RunError(f"{path}: its weights do not fit {ckpt['model_name']} with the recorded model_kwargs "
-                       f"({str(e).splitlines()[0][:120]}); the file was edited or comes from another version: "
-                       "pass an unmodified train_cifar.py checkpoint") from None
+        raise weights_error(path, ckpt, e) from None
     return model.to(device).eval()
+
+
+def weights_error(path, ckpt, e):
+    return RunError(f"{path}: its weights do not fit {ckpt['model_name']} with the recorded model_kwargs "
+                    f"({str(e).splitlines()[0][:120]}); the file was edited or comes from another version: "
+                    "pass an unmodified train_cifar.py checkpoint")
 
 
 def check_inputs(model, x, t, y=None):

@@ -14,6 +14,7 @@ index on the device with no DataLoader.
 
 CIFAR-10 file facts (URL, size, md5, pickle layout): https://www.cs.toronto.edu/~kriz/cifar.html
 """
+import functools
 import hashlib
 import json
 import os
@@ -112,14 +113,16 @@ def safe_extract(archive, dest):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists and numpy arrays only: a folder that was not md5-checked cannot run code."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}  # protocol-2 bytes from python 3
+# What a CIFAR-10 batch pickle may reference (_ArrayUnpickler): numpy arrays (and protocol-2 bytes from python 3),
+# never code, since a folder that was not md5-checked must not run anything.
+PICKLE_ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                  ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
 
+
+class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
+        if (module, name) not in PICKLE_ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are expected)")
         return super().find_class(module, name)
 
@@ -129,43 +132,49 @@ def _read_batch(path):
     try:
         with open(path, "rb") as f:
             d = _ArrayUnpickler(f, encoding="bytes").load()
-        data, labels = d.get(b"data", d.get("data")), d.get(b"labels", d.get("labels"))
-        x = torch.from_numpy(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
-        y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    except FileNotFoundError:
-        raise DataError(f"missing {path}; delete {os.path.dirname(path)} to download CIFAR-10 again") from None
+        x = torch.from_numpy(np.asarray(d.get(b"data", d.get("data")), dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
+        y = torch.as_tensor(np.asarray(d.get(b"labels", d.get("labels")), dtype=np.int64))
     except Exception as e:
-        raise DataError(f"cannot parse {path} ({type(e).__name__}: {e}); delete {os.path.dirname(path)} "
-                        "to download CIFAR-10 again") from None
+        raise _batch_error(path, e) from None
     if len(x) != len(y):
         raise DataError(f"{path}: {len(x)} images but {len(y)} labels; delete the folder and download again")
     return x, y
 
 
+def _batch_error(path, e):
+    if isinstance(e, FileNotFoundError):
+        return DataError(f"missing {path}; delete {os.path.dirname(path)} to download CIFAR-10 again")
+    return DataError(f"cannot parse {path} ({type(e).__name__}: {e}); delete {os.path.dirname(path)} "
+                     "to download CIFAR-10 again")
+
+
 def load_cifar10(data_dir="data", train=True, download=True, url=None):
-    """CIFAR-10 as (uint8 (N, 3, 32, 32), int64 (N,)): train = the 5 data batches (50k), else test_batch (10k).
-    Uses data_dir/cifar-10-batches-py/ when present; otherwise downloads (md5-checked) and extracts it."""
-    url = url or CIFAR_URL
-    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
-        raise DataError(f"--data-dir {data_dir} is a file; give the folder that holds (or will hold) {CIFAR_DIR}/")
+    """CIFAR-10 train (50k) or test (10k) as (uint8 (N, 3, 32, 32), int64 (N,)), downloaded first when absent."""
     root = os.path.join(data_dir, CIFAR_DIR)
     if not os.path.isdir(root):
-        archive = os.path.join(data_dir, ARCHIVE_NAME)
-        if not os.path.exists(archive):
-            if not download:
-                raise DataError(f"CIFAR-10 not found in {data_dir}; {_manual_hint(data_dir, url)}")
-            try:
-                os.makedirs(data_dir, exist_ok=True)
-            except OSError as e:
-                raise DataError(f"cannot create --data-dir {data_dir} ({e}); choose a writable folder") from None
-            print(f"downloading CIFAR-10 from {url} to {data_dir}/")
-            download_file(url, archive, CIFAR_MD5)
-        elif _md5(archive) != CIFAR_MD5:
-            raise DataError(f"{archive} has the wrong md5 (expected {CIFAR_MD5}); delete it and rerun, or "
-                            f"{_manual_hint(data_dir, url)}")
-        safe_extract(archive, data_dir)
+        fetch_cifar10(data_dir, url or CIFAR_URL, download)
     xs, ys = zip(*[_read_batch(os.path.join(root, name)) for name in (CIFAR_TRAIN if train else CIFAR_TEST)])
     return torch.cat(xs), torch.cat(ys)
+
+
+def fetch_cifar10(data_dir, url, download):
+    """Download (unless the archive is there; md5-checked) and extract cifar-10-batches-py/ into data_dir."""
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is a file; give the folder that holds (or will hold) {CIFAR_DIR}/")
+    archive = os.path.join(data_dir, ARCHIVE_NAME)
+    if not os.path.exists(archive):
+        if not download:
+            raise DataError(f"CIFAR-10 not found in {data_dir}; {_manual_hint(data_dir, url)}")
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create --data-dir {data_dir} ({e}); choose a writable folder") from None
+        print(f"downloading CIFAR-10 from {url} to {data_dir}/")
+        download_file(url, archive, CIFAR_MD5)
+    elif _md5(archive) != CIFAR_MD5:
+        raise DataError(f"{archive} has the wrong md5 (expected {CIFAR_MD5}); delete it and rerun, or "
+                        f"{_manual_hint(data_dir, url)}")
+    safe_extract(archive, data_dir)
 
 
 # ----- Image folder -----
@@ -327,12 +336,17 @@ class LatentBatches:
 # ----- Dispatch -----
 
 def load_dataset(name, data_dir, image_size=32, cifar_url=None):
-    """'cifar10' | 'folder' | 'latents' -> (uint8 images or float latents (N, C, H, W), int64 labels or None,
-    class names ([] when unlabelled))."""
-    if name == "cifar10":
-        if image_size != 32:
-            raise DataError("CIFAR-10 images are 32x32; use --image-size 32 (or --dataset folder for other sizes)")
-        return (*load_cifar10(data_dir, train=True, url=cifar_url), CIFAR_CLASSES)
+    """'cifar10' | 'folder' | 'latents' -> (uint8 images or float latents (N, C, H, W), labels or None, classes)."""
+    if name != "cifar10":
+        return load_other_dataset(name, data_dir, image_size)
+    if image_size != 32:
+        raise DataError("CIFAR-10 images are 32x32; use --image-size 32 (or --dataset folder for other sizes)")
+    return (*load_cifar10(data_dir, train=True, url=cifar_url), CIFAR_CLASSES)
+
+
+def load_other_dataset(name, data_dir, image_size):
+    """An image folder, an extract_latents.py folder or a latents file, as load_dataset returns them (class names
+    [] when unlabelled)."""
     if name == "folder":
         return load_image_folder(data_dir, image_size)
     if name == "latents" and os.path.isdir(data_dir):
@@ -346,26 +360,22 @@ def load_dataset(name, data_dir, image_size=32, cifar_url=None):
 
 # ----- Batches by index -----
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(n, seed, epoch):  # each epoch's permutation from its own seeded generator
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 class BatchIndices:
-    """Epochs of sampling without replacement: step s takes positions [s*B, (s+1)*B) of the endless
-    concatenation of per-epoch permutations, each from its own seeded generator. A pure function of the
-    step, so a resumed run draws exactly the batches the uninterrupted run would have drawn."""
+    """Step s takes positions [s*B, (s+1)*B) of the endless concatenation of seeded per-epoch permutations: a pure
+    function of the step, so a resumed run draws exactly the batches the uninterrupted run would have drawn."""
 
     def __init__(self, n, batch_size, seed):
-        self.n, self.batch_size, self.seed, self.cache = n, batch_size, seed, {}
-
-    def perm(self, epoch):
-        if epoch not in self.cache:
-            if len(self.cache) > 4:
-                self.cache.clear()
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self.cache[epoch] = torch.randperm(self.n, generator=g)
-        return self.cache[epoch]
+        self.n, self.batch_size, self.seed = n, batch_size, seed
 
     def __call__(self, step):
         pos = step * self.batch_size + torch.arange(self.batch_size)
         epochs, offsets = pos // self.n, pos % self.n
-        return torch.cat([self.perm(int(e))[offsets[epochs == e]] for e in torch.unique(epochs)])
+        return torch.cat([epoch_order(self.n, self.seed, int(e))[offsets[epochs == e]] for e in torch.unique(epochs)])
 
 
 def random_crop(x, pad, fill=-1.0):
@@ -383,37 +393,33 @@ def random_crop(x, pad, fill=-1.0):
 
 
 def get_batch(data, labels, indices, flip):
-    """Gather a batch on data's device, scale uint8 to [-1, 1], flip a random half horizontally (on the device,
-    with the global RNG, so a resumed run flips the same images). flip may also be a (B,) bool mask: flip those."""
-    if data.device.type == "cuda":  # pinned + non_blocking: no host sync for the index copy
-        idx = indices.pin_memory().to(data.device, non_blocking=True)
-    else:
-        idx = indices.to(data.device)
-    x = data[idx]
-    x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
-    if torch.is_tensor(flip) or flip:
+    """A batch on data's device, uint8 scaled to [-1, 1]; flip: a random half (or a (B,) bool mask) mirrored."""
+    idx = pinned_copy(indices, data.device) if data.device.type == "cuda" else indices.to(data.device)
+    x = data[idx].float() / 127.5 - 1.0 if data.dtype == torch.uint8 else data[idx].float()
+    if torch.is_tensor(flip) or flip:  # on the device with the global RNG: a resumed run flips the same images
         mask = flip.to(x.device) if torch.is_tensor(flip) else torch.rand(len(x), device=x.device) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x, None if labels is None else labels[idx]
 
 
+def pinned_copy(indices, device):
+    """Pinned + non_blocking: no host sync for the index copy to a GPU."""
+    return indices.pin_memory().to(device, non_blocking=True)
+
+
 class Batches:
-    """A run's training batches: step s takes BatchIndices(s) and this process's `part` of them, on the device.
-    Images (or a latents tensor) live on the device whole and are flipped where the step's draw says (when `flip`);
-    a LatentFolder takes the drawn stored flip and latent noise (LatentBatches)."""
+    """Step s's batch: BatchIndices(s), this process's `part`, from images or latents held whole on the device."""
 
     def __init__(self, x, labels, batch_size, seed, device, flip=True, part=slice(None)):
         self.indices, self.part, self.flip = BatchIndices(len(x), batch_size, seed), part, flip
         self.shape = (batch_size, *x.shape[1:])  # the global batch
-        self.latents = isinstance(x, LatentFolder)
-        if self.latents:  # moments memory-mapped: on the device if they fit, else streamed
-            self.source, self.with_labels = LatentBatches(x, device), labels is not None
-        else:
-            self.x, self.labels = x.to(device), None if labels is None else labels.to(device)
+        self.latents = isinstance(x, LatentFolder)  # memory-mapped moments: LatentBatches draws z (stored flips)
+        self.x = LatentBatches(x, device) if self.latents else x.to(device)
+        self.labels = None if labels is None else labels.to(device)
 
     def __call__(self, step, flip, latent_noise=None):
         """(x, labels or None) of step `step`; flip (b,) bool and latent_noise: this process's part of its draws."""
         idx = self.indices(step)[self.part]
         if self.latents:
-            return self.source(idx, self.with_labels, flip.long(), latent_noise)
+            return self.x(idx, self.labels is not None, flip.long(), latent_noise)
         return get_batch(self.x, self.labels, idx, flip if self.flip else False)

@@ -2,6 +2,7 @@
 process or one per GPU / CPU under torchrun (DDP)."""
 import datetime
 import os
+import sys
 
 import torch
 
@@ -15,27 +16,30 @@ def resolve_device(name=None):
         device = torch.device(name)
     except RuntimeError:
         raise RunError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type != "cpu":
+        _check_accelerator(name, device)
+    return device
+
+
+def _check_accelerator(name, device):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"--device {name} but no CUDA GPU is visible to torch; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise RunError(f"--device {name} but only {torch.cuda.device_count()} GPU(s) are visible")
     if device.type not in ("cpu", "cuda", "mps"):
         raise RunError(f"--device {name}: only cpu, cuda and mps are supported")
-    return device
 
 
 # ----- Processes: one, or many under torchrun -----
 
 class Processes:
-    """This process's place in a run: rank and world size (0 and 1 without torchrun, with no process group), and
-    under torchrun a gloo group for host-side values (stop flags, gathered samples) that never syncs a GPU."""
+    """This process's place in a run: rank and world size (0 and 1 without torchrun: one process, no group)."""
 
     def __init__(self, rank=0, world=1, host_group=None):
         self.rank, self.world, self.host_group = rank, world, host_group
 
     @property
-    def main(self):
-        """The one process that writes files, logs and prints progress."""
+    def main(self):  # the one process that writes files, logs and prints progress
         return self.rank == 0
 
     def part(self, n):
@@ -45,49 +49,66 @@ class Processes:
 
     def any(self, flag):
         """True on every process when `flag` is true on any (a stop request on one rank stops them all)."""
-        if self.world == 1:
-            return bool(flag)
+        return bool(flag)
+
+    def mean(self, tensor):
+        """The mean of a tensor over the processes (per-rank loss statistics -> the global batch's)."""
+        return tensor
+
+    def gather(self, obj):
+        """[obj of rank 0, ..., obj of rank world-1] on the main process, None on the others."""
+        return [obj]
+
+    def wrap(self, model, device, find_unused_parameters=False):
+        """model itself in one process; under torchrun DistributedDataParallel (its backward averages gradients)."""
+        return model
+
+    def close(self):
+        pass
+
+
+class TorchrunProcesses(Processes):
+    """Processes under torchrun: a process group, plus a gloo group for host-side values (stop flags, gathered
+    samples) that never syncs a GPU."""
+
+    def any(self, flag):
         t = torch.tensor([int(bool(flag))])
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
         return bool(t.item())
 
     def mean(self, tensor):
-        """The mean of a tensor over the processes (per-rank loss statistics -> the global batch's)."""
-        if self.world > 1:
-            tensor = tensor.clone()
-            torch.distributed.all_reduce(tensor)
-            tensor /= self.world
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+        tensor /= self.world
         return tensor
 
     def gather(self, obj):
-        """[obj of rank 0, ..., obj of rank world-1] on the main process, None on the others."""
-        if self.world == 1:
-            return [obj]
         out = [None] * self.world if self.main else None
         torch.distributed.gather_object(obj, out, dst=0, group=self.host_group)
         return out
 
     def wrap(self, model, device, find_unused_parameters=False):
-        """model itself in one process; under torchrun DistributedDataParallel (its backward averages the
-        gradients over the processes)."""
-        if self.world == 1:
-            return model
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                          else None, find_unused_parameters=find_unused_parameters)
 
     def close(self):
-        if self.world > 1 and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 def start_processes(device_name=None):
-    """-> (Processes, device). Under torchrun (WORLD_SIZE > 1) this joins the process group through torchrun's
-    rendezvous (its env:// variables): NCCL with one GPU per process (cuda:LOCAL_RANK) or gloo on CPUs. Without
-    torchrun nothing is initialised and the device is resolve_device(device_name)."""
+    """-> (Processes, device): one process on resolve_device(device_name), or under torchrun (WORLD_SIZE > 1) this
+    rank's place in the process group (join_torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world == 1:
         return Processes(), device
+    return join_torchrun(world, device)
+
+
+def join_torchrun(world, device):
+    """Join the process group through torchrun's rendezvous (its env:// variables): NCCL with one GPU per process
+    (cuda:LOCAL_RANK) or gloo on CPUs. -> (TorchrunProcesses, device). Only the main process prints."""
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
@@ -100,14 +121,14 @@ def start_processes(device_name=None):
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     host = torch.distributed.new_group(backend="gloo") if backend == "nccl" else torch.distributed.group.WORLD
-    return Processes(rank, world, host), device
+    if rank != 0:  # one process reports
+        sys.stdout = open(os.devnull, "w")
+    return TorchrunProcesses(rank, world, host), device
 
 
 def default_precision(device):
     """bf16 on GPUs that have it; on the CPU fp32 (bf16 pays off only on CPUs with AMX tiles; see README)."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "fp32"
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def check_precision(precision, device):
@@ -116,10 +137,12 @@ def check_precision(precision, device):
 
 
 def autocast_forward(model, device, precision):
-    """model(x, t, **kw) (or any model method, e.g. GenViT.classify) under autocast, output cast to float32 so the
-    diffusion math stays in fp32."""
-    if precision == "fp32":
-        return model
+    """model(x, t, **kw) (or any model method, e.g. GenViT.classify) under bf16/fp16 autocast, output cast to
+    float32 so the diffusion math stays in fp32; fp32: the model itself."""
+    return model if precision == "fp32" else _autocast(model, device, precision)
+
+
+def _autocast(model, device, precision):
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
 
     def forward(*args, **kw):

@@ -15,6 +15,14 @@ Where each equation lives (read beside the papers):
   v-prediction  Salimans & Ho 2022, 2202.00512     §4, Appendix D
 
 All schedule arithmetic is float64 numpy; values are gathered per sample and cast to the input's dtype.
+GaussianDiffusion: schedule 'linear' | 'cosine' | 'scaled_linear' (or explicit `betas`); prediction 'eps' | 'x0' | 'v';
+learn_sigma: 2C output channels, the extra C are v in [-1, 1] (Improved DDPM Eq. 15); else fixed_variance 'large'
+(beta_t: DDPM's CIFAR choice, ADM's default) or 'small' (beta~_t); loss_type 'l2' (L_simple) or 'l1' (GenViT's).
+Samplers: ddpm (DDPM Alg. 2, the model's variance), ddim (DDIM Eq. 12, eta 0 = deterministic (default), 1 = DDPM-like),
+dpm++2m (DPM-Solver++(2M) in lambda = log(alpha/sigma), data prediction); default_steps 250 (DiT App.), 50 (DDIM
+Table 1's middle), 25 (DPM-Solver's 20-25); steps=T is the full chain. Step spacing 'uniform' in t (ddpm/ddim) or
+'logsnr' (dpm++2m: with linear betas its last uniform-t steps span huge lambda gaps; BENCHMARKS.md, "DPM-Solver++(2M)
+step spacing"). cfg_scale: a float or a callable of the original t (e.g. power_cosine_guidance(4.6)).
 """
 import inspect
 import math
@@ -44,8 +52,7 @@ SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 def make_betas(schedule, timesteps=1000):
     """beta_1..beta_T in float64 for a named schedule."""
     if schedule == "linear":  # DDPM / ADM: 1e-4 -> 0.02 at T=1000, scaled so any T spans the same range
-        scale = 1000 / timesteps
-        return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+        return np.linspace(1000 / timesteps * 1e-4, 1000 / timesteps * 0.02, timesteps, dtype=np.float64)
     if schedule == "cosine":  # Improved DDPM Eq. 17, with s = 0.008 and betas clipped at 0.999
         f = lambda t: math.cos((t / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
         return np.array([min(1 - f(i + 1) / f(i), 0.999) for i in range(timesteps)], dtype=np.float64)
@@ -68,10 +75,8 @@ def space_timesteps(timesteps, steps):
 
 
 def logsnr_timesteps(alphas_cumprod, steps, min_lambda=-5.1):
-    """`steps` original steps spaced evenly in lambda = log(alpha/sigma) rather than in t: DPM-Solver's 'logSNR'
-    grid, recommended for low-resolution pixel models. lambda is floored at -5.1 as DPM-Solver clips it (the
-    cosine schedule reaches -9.9); the first step is always T-1. Targets that round to the same integer step
-    are merged, then the widest gaps in t are split until exactly `steps` remain."""
+    """`steps` original steps evenly spaced in lambda = log(alpha/sigma) (DPM-Solver's 'logSNR' grid, floored at -5.1
+    as DPM-Solver clips it), the first T-1; steps that coincide are merged, then the widest gaps in t split."""
     lam = 0.5 * np.log(alphas_cumprod) - 0.5 * np.log1p(-alphas_cumprod)
     T = len(lam)
     targets = np.linspace(max(lam[-1], min_lambda), lam[0], steps)
@@ -113,22 +118,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 # ----------------------------------------------------------------------------------------------------
 
 class GaussianDiffusion(Formulation):
-    """Discrete-time Gaussian diffusion over T steps (DDPM), with ADM's learned-range variance option.
+    """Discrete-time Gaussian diffusion over T steps (DDPM), with ADM's learned-range variance (module docstring)."""
 
-    schedule      'linear' | 'cosine' | 'scaled_linear' (or pass `betas` directly)
-    prediction    what the model outputs: 'eps' (default), 'x0' or 'v'
-    learn_sigma   the model outputs 2C channels; the extra C are v in [-1, 1] (Improved DDPM Eq. 15)
-    fixed_variance  without learned sigma: 'large' (sigma^2 = beta_t, DDPM's CIFAR choice and ADM's
-                    default) or 'small' (sigma^2 = posterior variance beta~_t)
-    loss_type     'l2' (L_simple) or 'l1' (mean |target - prediction|, GenViT's default)
-
-    default_steps: DiT's 250-step DDPM sampler (DiT App.), 50 DDIM steps (DDIM Table 1's middle setting),
-    25 DPM-Solver++(2M) steps (DPM-Solver's recommended 20-25); sample(steps=T) runs the full chain.
-    """
-
-    formulation = "ddpm"
-    SAMPLERS = SAMPLERS
-    default_sampler = "dpm++2m"
+    formulation, SAMPLERS, default_sampler = "ddpm", SAMPLERS, "dpm++2m"
     _STEPS = {"ddpm": 250, "ddim": 50, "dpm++2m": 25}
 
     def __init__(self, schedule="linear", timesteps=1000, prediction="eps", learn_sigma=False,
@@ -144,48 +136,39 @@ class GaussianDiffusion(Formulation):
                              f"T={len(betas)} gives max {betas.max():.3g} (the linear schedule needs T >= 20)")
         self.schedule, self.prediction, self.learn_sigma = schedule, prediction, learn_sigma
         self.fixed_variance, self.loss_type = fixed_variance, loss_type
-        self._given = {"timesteps": timesteps, "betas": None if betas is None else betas.tolist(),
-                       "timestep_map": None if timestep_map is None else np.asarray(timestep_map).tolist()}
+        self._given = {"timesteps": timesteps, "timestep_map": timestep_map is not None}  # what config() records
         self.num_timesteps = T = len(betas)
-        # the original index of each step; the identity unless this is a respaced copy
-        self.timestep_map = np.arange(T) if timestep_map is None else np.asarray(timestep_map)
-
-        self.betas = betas
-        alphas = 1.0 - betas
+        self.timestep_map = np.arange(T) if timestep_map is None else np.asarray(timestep_map)  # respaced: original t
+        self.betas, alphas = betas, 1.0 - betas
         self.alphas_cumprod = ac = np.cumprod(alphas)                      # alpha-bar_t
         self.alphas_cumprod_prev = ac_prev = np.append(1.0, ac[:-1])       # alpha-bar_{t-1}
-        self.sqrt_alphas_cumprod = np.sqrt(ac)
-        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ac)
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1.0)
+        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = np.sqrt(ac), np.sqrt(1.0 - ac)
+        self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac), np.sqrt(1.0 / ac - 1.0)
         # posterior q(x_{t-1} | x_t, x_0), DDPM Eqs. 6-7
         self.posterior_variance = pv = betas * (1.0 - ac_prev) / (1.0 - ac)
         # pv[0] = 0: clip the log at t=0 to pv[1] (as ADM) so it stays finite
         self.posterior_log_variance_clipped = np.log(np.append(pv[1], pv[1:])) if T > 1 else np.log(betas)
         self.posterior_mean_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
-        self.log_betas = np.log(betas)                                     # learned range: the upper end
+        self.log_betas, self.log_one_minus_alphas_cumprod = np.log(betas), np.log(1.0 - ac)  # learned range: top
         # fixed 'large' variance: beta_t, with the t=0 term set to beta~_1 as ADM does
         self.log_betas_fixed_large = np.log(np.append(pv[1], betas[1:])) if T > 1 else np.log(betas)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - ac)
-        self._tables = {}  # (name, device) -> tensor, filled lazily by _table
-        self._respaced = {}  # (steps, spacing) -> respaced copy, reused by every sample() call
+        self._tables, self._respaced = {}, {}  # caches: (name, device) -> tensor; (steps, spacing) -> respaced copy
 
     def config(self):
         """The constructor kwargs plus 'formulation', JSON-serialisable: make_diffusion(**d.config()) rebuilds d
-        (explicit betas and timestep_map as lists, when given)."""
+        (betas always, and timestep_map when given, as lists)."""
         cfg = {"formulation": self.formulation, "schedule": self.schedule, "timesteps": int(self._given["timesteps"]),
                "prediction": self.prediction, "learn_sigma": bool(self.learn_sigma),
                "fixed_variance": self.fixed_variance, "loss_type": self.loss_type}
-        for key in ("betas", "timestep_map"):
-            if self._given[key] is not None:
-                cfg[key] = self._given[key]
+        cfg["betas"] = self.betas.tolist()
+        if self._given["timestep_map"]:
+            cfg["timestep_map"] = self.timestep_map.tolist()
         return cfg
 
     def respaced(self, steps, spacing="uniform"):
-        """A copy that keeps K of the T steps: betas recomputed from the kept alpha-bars so that the
-        marginals q(x_t | x_0) are unchanged; the model still sees the ORIGINAL t (ADM respace.py).
-        spacing: 'uniform' in t (ADM/DiT) or 'logsnr' (uniform in lambda, see logsnr_timesteps)."""
+        """A copy keeping K of the T steps, 'uniform' in t (ADM/DiT) or 'logsnr': betas recomputed from the kept
+        alpha-bars so q(x_t | x_0) is unchanged; the model still sees the ORIGINAL t (ADM respace.py)."""
         if spacing not in ("uniform", "logsnr"):
             raise ValueError(f"unknown step spacing {spacing!r}; choose 'uniform' or 'logsnr'")
         kept = space_timesteps(self.num_timesteps, steps)  # also checks 1 <= steps <= T
@@ -198,8 +181,7 @@ class GaussianDiffusion(Formulation):
                                  timestep_map=self.timestep_map[kept])
 
     def _table(self, name, device):
-        """A schedule array as a tensor on `device`, copied once and cached: no host-to-device copy (and no
-        host sync) per call. float64 (MPS has none: float32)."""
+        """A schedule array as a tensor on `device`, copied once: no host sync per call. float64 (MPS: float32)."""
         key = (name, str(device))
         if key not in self._tables:
             arr = getattr(self, name)
@@ -208,8 +190,7 @@ class GaussianDiffusion(Formulation):
         return self._tables[key]
 
     def _gather(self, name, t, x):
-        """Schedule array `name` at t, shaped to broadcast against x: (B,) -> (B, 1, 1, ...). Computed in at
-        least float32: at t near T, x0 = 158 x_t - 158 eps cancels catastrophically in bf16."""
+        """Schedule array `name` at t as (B, 1, 1, ...) for x; in >= float32 (x0 = 158 x_t - 158 eps fails in bf16)."""
         out = self._table(name, t.device)[t].to(torch.promote_types(x.dtype, torch.float32))
         return out.reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -239,68 +220,68 @@ class GaussianDiffusion(Formulation):
         return a * x_t - s * pred, a * pred + s * x_t  # v = a eps - s x0  (Salimans & Ho §4)
 
     def target(self, x0, noise, t):
-        if self.prediction == "eps":
-            return noise
-        if self.prediction == "x0":
-            return x0
+        if self.prediction != "v":
+            return noise if self.prediction == "eps" else x0
         g = lambda a: self._gather(a, t, x0)
-        return g("sqrt_alphas_cumprod") * noise - g("sqrt_one_minus_alphas_cumprod") * x0
+        return g("sqrt_alphas_cumprod") * noise - g("sqrt_one_minus_alphas_cumprod") * x0  # v (Salimans & Ho §4)
 
     def split_output(self, out, channels):
         """Model output -> (prediction, variance values or None)."""
+        if out.shape[1] != (2 * channels if self.learn_sigma else channels):
+            raise self._channels_error(out, channels)
         if not self.learn_sigma:
-            if out.shape[1] != channels:
-                raise ValueError(f"model returned {out.shape[1]} channels, expected {channels}; "
-                                 "a learned-sigma model needs GaussianDiffusion(learn_sigma=True)")
             return out, None
-        if out.shape[1] != 2 * channels:
-            raise ValueError(f"learn_sigma expects 2x{channels} output channels, got {out.shape[1]}; "
-                             "build the model with learn_sigma=True or the diffusion with learn_sigma=False")
         return out[:, :channels], out[:, channels:]
+
+    def _channels_error(self, out, channels):
+        if not self.learn_sigma:
+            return ValueError(f"model returned {out.shape[1]} channels, expected {channels}; "
+                              "a learned-sigma model needs GaussianDiffusion(learn_sigma=True)")
+        return ValueError(f"learn_sigma expects 2x{channels} output channels, got {out.shape[1]}; "
+                          "build the model with learn_sigma=True or the diffusion with learn_sigma=False")
 
     def p_mean_variance(self, out, x_t, t, clip_denoised=False):
         """Mean and log variance of p(x_{t-1} | x_t) from the raw model output (DDPM Eq. 11 via x0)."""
         pred, var_values = self.split_output(out, x_t.shape[1])
-        g = lambda a: self._gather(a, t, x_t)
-        if var_values is not None:  # learned range, Improved DDPM Eq. 15
+        if var_values is None:
+            log_var = self._fixed_log_variance(x_t, t)
+        else:  # learned range, Improved DDPM Eq. 15: between log beta~_t and log beta_t
             frac = (var_values + 1) / 2
-            log_var = frac * g("log_betas") + (1 - frac) * g("posterior_log_variance_clipped")
-        elif self.fixed_variance == "large":
-            log_var = g("log_betas_fixed_large")
-        else:
-            log_var = g("posterior_log_variance_clipped")
+            lo, hi = self._gather("posterior_log_variance_clipped", t, x_t), self._gather("log_betas", t, x_t)
+            log_var = frac * hi + (1 - frac) * lo
         x0, eps = self.predict_x0_eps(pred, x_t, t)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean, _, _ = self.q_posterior(x0, x_t, t)
         return mean, log_var, x0, eps
 
+    def _fixed_log_variance(self, x_t, t):
+        """'large': log beta_t (DDPM's CIFAR choice); 'small': log beta~_t, the posterior's."""
+        name = "log_betas_fixed_large" if self.fixed_variance == "large" else "posterior_log_variance_clipped"
+        return self._gather(name, t, x_t)
+
     # ----- training -----
 
     def training_noise(self, shape, generator=None, device=None):
-        """(t, noise) for a training batch of `shape`, as training_losses draws them: t ~ U{0..T-1}, noise ~ N(0, I).
-        With one generator seeded per step, every process of a multi-process run draws the same global batch."""
+        """(t, noise) for a training batch of `shape`: t ~ U{0..T-1}, noise ~ N(0, I) (as training_losses draws)."""
         t = torch.randint(0, self.num_timesteps, shape[:1], generator=generator, device=device)
         return t, torch.randn(shape, generator=generator, device=device)
 
     def training_losses(self, model, x0, t=None, noise=None, model_kwargs=None):
-        """Per-sample losses at (t, noise), drawn by training_noise unless given: 'mse' (L_simple, DDPM Eq. 14;
-        with loss_type 'l1' also 'l1', the mean absolute error, which then replaces it in 'loss') and, with learned
-        sigma, 'vb' (L_vlb term in bits/dim with the mean detached, so it trains only the variance: Improved DDPM
-        L_hybrid Eq. 16)."""
-        model_kwargs = model_kwargs or {}
-        t, noise = self._draws(x0, t, noise)
+        """Per-sample 'mse' (L_simple, DDPM Eq. 14), 'l1' with loss_type 'l1' (then the 'loss'), and with learned
+        sigma 'vb' (L_vlb in bits/dim, mean detached: Improved DDPM L_hybrid Eq. 16); t, noise drawn unless given."""
+        if t is None or noise is None:
+            t, noise = self._draws(x0, t, noise)
         x_t = self.q_sample(x0, t, noise)
-        out = model(x_t, self.network_t(t), **model_kwargs)
+        out = model(x_t, self.network_t(t), **(model_kwargs or {}))
         pred, var_values = self.split_output(out, x0.shape[1])
         err = self.target(x0, noise, t) - pred.float()
         terms = {"mse": mean_flat(err ** 2)}
         if self.loss_type == "l1":
             terms["l1"] = mean_flat(err.abs())
         terms["loss"] = terms[self.loss_type.replace("l2", "mse")]
-        if var_values is not None:
-            frozen = torch.cat([pred.detach(), var_values], dim=1)
-            terms["vb"] = self._vb_terms_bpd(frozen, x0, x_t, t)
+        if var_values is not None:  # the mean frozen: vb trains only the variance
+            terms["vb"] = self._vb_terms_bpd(torch.cat([pred.detach(), var_values], dim=1), x0, x_t, t)
             terms["loss"] = terms["loss"] + terms["vb"]
         return terms
 
@@ -360,28 +341,16 @@ class GaussianDiffusion(Formulation):
     def sample(self, model, shape, sampler=None, steps=None, *, model_kwargs=None, cfg_scale=1.0, null_label=None,
                cfg_channels=None, noise=None, generator=None, device=None, progress=False, clip_denoised=False,
                spacing=None, eta=None):
-        """Draw samples x_0 of `shape` by one of three samplers (default default_sampler) over `steps` respaced
-        steps (default default_steps(sampler); T is the full chain):
-        ddpm     ancestral sampling, DDPM Alg. 2, with the model's (learned or fixed) variance
-        ddim     DDIM Eq. 12 with eta (0 = deterministic, the default; 1 = DDPM-like), the only sampler taking eta
-        dpm++2m  DPM-Solver++(2M) in lambda = log(alpha/sigma), data prediction, one model call per step
-        cfg_scale is a float or a callable of the original t (e.g. power_cosine_guidance(4.6)).
-        spacing of the kept steps: 'uniform' in t (default for ddpm/ddim; DiT's 250-step sampler) or 'logsnr'
-        (default for dpm++2m: with linear betas, uniform-t steps make its last steps span huge lambda intervals;
-        BENCHMARKS.md, "DPM-Solver++(2M) step spacing").
-        """
+        """Samples x_0 of `shape` by the ddpm (DDPM Alg. 2), ddim (DDIM Eq. 12) or dpm++2m (DPM-Solver++ Alg. 2)
+        sampler over `steps` respaced steps (None: the defaults); samplers, spacing, cfg_scale: module docstring."""
         sampler, steps, device, x = self._start_sampling(model, shape, sampler, steps, noise, generator, device)
         if eta is not None and sampler != "ddim":
             raise ValueError(f"eta is the DDIM sampler's option (DDIM Eq. 12); the {sampler} sampler takes none")
-        eta = 0.0 if eta is None else eta
         model_kwargs = model_kwargs or {}
-        spacing = spacing or ("logsnr" if sampler == "dpm++2m" else "uniform")
-        if steps == self.num_timesteps and spacing == "uniform":
-            diff = self
-        else:
-            if (steps, spacing) not in self._respaced:
-                self._respaced[(steps, spacing)] = self.respaced(steps, spacing)
-            diff = self._respaced[(steps, spacing)]
+        key = (steps, spacing or ("logsnr" if sampler == "dpm++2m" else "uniform"))
+        if key != (self.num_timesteps, "uniform") and key not in self._respaced:  # the full chain: self, as is
+            self._respaced[key] = self.respaced(*key)
+        diff = self._respaced.get(key, self)
         x0_prev = lam_prev = None  # carried by dpm++2m only: the previous step's x0 and its lambda
         for i in tqdm(range(diff.num_timesteps - 1, -1, -1), disable=not progress, desc=sampler):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
@@ -408,6 +377,7 @@ class GaussianDiffusion(Formulation):
     def _ddim_step(self, out, x, t, i, eta, clip, generator):
         """x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - c^2) eps + c z,
         c = eta sqrt((1 - ab_t/ab_s)(1 - ab_s)/(1 - ab_t)); the last step lands on ab = 1 (DDIM Eq. 12)."""
+        eta = 0.0 if eta is None else eta
         pred, _ = self.split_output(out, x.shape[1])
         x0, eps = self.predict_x0_eps(pred, x, t)
         if clip:
@@ -422,17 +392,14 @@ class GaussianDiffusion(Formulation):
         return x_prev
 
     def _lambda(self, t_idx):
-        """lambda = log(alpha / sigma) at respaced index t_idx (an int); +inf past the last step."""
-        if t_idx < 0:
-            return math.inf
+        """lambda = log(alpha / sigma) at respaced index t_idx (an int)."""
         ab = self.alphas_cumprod[t_idx]
         return 0.5 * math.log(ab) - 0.5 * math.log1p(-ab)
 
     def _dpm_solver_step(self, out, x, t, i, clip, x0_prev, lam_prev):
-        """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), from step t to s = t-1 with h = lambda_s - lambda_t:
-        x_s = (sigma_s/sigma_t) x_t - alpha_s (e^{-h} - 1) D,  D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,
-        r = h_prev / h = (lambda_t - lam_prev) / h. The first step (x0_prev None), and the final one into
-        sigma = 0, are first order (D = x0_t). Returns (x_s, x0_t, lambda_t): the next step's x0_prev, lam_prev."""
+        """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), t -> s = t-1: x_s = (sigma_s/sigma_t) x_t - alpha_s (e^{-h} - 1) D
+        with h = lambda_s - lambda_t, D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev, r = (lambda_t - lam_prev) / h; first
+        order (D = x0_t) at the first and last steps. Returns (x_s, x0_t, lambda_t): the next x0_prev, lam_prev."""
         pred, _ = self.split_output(out, x.shape[1])
         x0, _ = self.predict_x0_eps(pred, x, t)
         if clip:
@@ -441,8 +408,7 @@ class GaussianDiffusion(Formulation):
         if i == 0:  # sigma_s = 0: the update is exactly x0
             return x0, x0, lam_t
         ab, ab_s = self.alphas_cumprod[i], self.alphas_cumprod[i - 1]
-        lam_s = self._lambda(i - 1)
-        h = lam_s - lam_t
+        h = self._lambda(i - 1) - lam_t
         d = x0
         if x0_prev is not None:
             r = (lam_t - lam_prev) / h
@@ -456,19 +422,23 @@ FORMULATIONS = {"ddpm": GaussianDiffusion, "edm": EDM, "flow": FlowMatching}
 
 
 def make_diffusion(formulation="ddpm", **kwargs):
-    """The formulation's class built from a config() dict: make_diffusion(**d.config()) rebuilds d. Configs of
-    older checkpoints recorded learn_sigma=False for EDM and flow too: accepted there (they have no learned
-    variance), learn_sigma=True is an error. An unknown formulation, or kwargs the class does not take, raise a
-    ValueError naming them."""
+    """The formulation's class built from a config() dict: make_diffusion(**d.config()) rebuilds d; an unknown
+    formulation, or kwargs the class does not take, raise a ValueError naming them."""
+    if formulation != "ddpm":
+        _check_not_ddpm(formulation, kwargs)
+    cls = FORMULATIONS[formulation]
+    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    if not set(kwargs) <= params:
+        raise ValueError(f"unknown {formulation!r} diffusion arguments {sorted(set(kwargs) - params)}; "
+                         f"{cls.__name__} takes {sorted(params)}")
+    return cls(**kwargs)
+
+
+def _check_not_ddpm(formulation, kwargs):
+    """The formulation must exist. Configs of older checkpoints recorded learn_sigma=False for EDM and flow too:
+    accepted (popped; they have no learned variance), learn_sigma=True is an error."""
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; choose one of {tuple(FORMULATIONS)}")
-    cls = FORMULATIONS[formulation]
-    if cls is not GaussianDiffusion and kwargs.pop("learn_sigma", False):
+    if kwargs.pop("learn_sigma", False):
         raise ValueError(f"the {formulation!r} formulation has no learned variance: learn_sigma=True is for 'ddpm' "
                          "only (build the model with learn_sigma=False)")
-    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = sorted(set(kwargs) - params)
-    if unknown:
-        raise ValueError(f"unknown {formulation!r} diffusion arguments {unknown}; {cls.__name__} takes "
-                         f"{sorted(params)}")
-    return cls(**kwargs)

@@ -2,9 +2,11 @@
 DiT: "Scalable Diffusion Models with Transformers", Peebles & Xie 2023 (arXiv 2212.09748).
 
 A plain-PyTorch re-implementation whose parameter names, shapes, layouts and initialisation match the
-official facebookresearch/DiT models.py, so the released DiT-XL/2 state_dicts load with strict=True.
+official facebookresearch/DiT models.py, so the released DiT-XL/2 state_dicts load with strict=True (modules are
+built and initialised in the official order).
 What implements which part of the paper:
-  PatchEmbed + pos_embed     §3.2 "Patchify" (Fig. 4): p x p patches -> tokens, fixed 2D sin-cos positions
+  PatchEmbed + pos_embed     §3.2 "Patchify" (Fig. 4): p x p patches -> tokens, fixed 2D sin-cos positions (a
+                             frozen Parameter, not a buffer: in state_dict and the official "total params" count)
   TimestepEmbedder           256-d frequency embedding of t followed by a 2-layer SiLU MLP
   LabelEmbedder              class embedding; the extra null row implements label dropout for CFG (§3.1)
   DiTBlock                   §3.2 "DiT block design": the adaLN-Zero block (Fig. 3, right)
@@ -121,8 +123,7 @@ def unpatchify(x, patch_size, channels):
 # ----- Transformer layers -----
 
 def modulate(x, shift, scale):
-    """adaLN modulation x * (1 + scale) + shift; shift/scale (B, D) broadcast over the tokens of x (B, N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # adaLN: (B, D) shift/scale broadcast over tokens
 
 
 class Attention(nn.Module):
@@ -177,8 +178,7 @@ class DiTBlock(nn.Module):
     def forward(self, x, c):  # x (B, N, D), c (B, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -229,16 +229,13 @@ class DiT(nn.Module):
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.out_channels, self.grid_size = in_channels * 2 if learn_sigma else in_channels, input_size // patch_size
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
         self.class_cond, self.attention, self.grad_checkpoint = num_classes > 0, attention, grad_checkpoint
-        self.grid_size = input_size // patch_size
-        # Same module and init order as the official code (meant to keep seeded inits comparable; unverified).
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
-        # Frozen parameter (not a buffer) so it is in state_dict and in the official "total params" count.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, attention) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -255,32 +252,25 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        with torch.no_grad():
-            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).unsqueeze(0))
-            w = self.x_embedder.proj.weight  # treat the conv as a Linear over (C*p*p) inputs
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).unsqueeze(0))
+        nn.init.xavier_uniform_(self.x_embedder.proj.weight.data.view(self.hidden_size, -1))  # as a Linear on C*p*p
         nn.init.zeros_(self.x_embedder.proj.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        zero = [b.adaLN_modulation[-1] for b in self.blocks]
-        zero += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
-        for m in zero:
+        normal = [self.y_embedder.embedding_table] if self.y_embedder is not None else []
+        for m in normal + [self.t_embedder.mlp[0], self.t_embedder.mlp[2]]:
+            nn.init.normal_(m.weight, std=0.02)
+        zero = [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
+        for m in zero + [self.final_layer.linear]:  # adaLN-Zero and the zero decoder (biases are already 0)
             nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def forward(self, x, t, y=None, force_drop_ids=None):
-        """x (B, C, H, W), t (B,) network time (long or float), y (B,) labels -> (B, C_out, H, W); DiT Fig. 3.
-        force_drop_ids (B,) 0/1 drops exactly those labels instead of at random (DiT's LabelEmbedder argument)."""
+        """x (B, C, H, W), t (B,), y (B,) labels -> (B, C_out, H, W) (DiT Fig. 3); force_drop_ids: LabelEmbedder's."""
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)^2 tokens
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:  # unconditional models ignore y
             c = c + self.y_embedder(y, self.training, force_drop_ids)  # (B, D): conditioning c = t_emb + y_emb
         for block in self.blocks:
             x = run_block(self, block, x, c)  # (B, N, D)
-        x = self.final_layer(x, c)  # (B, N, p*p*C_out)
-        return unpatchify(x, self.patch_size, self.out_channels)  # (B, C_out, H, W)
+        return unpatchify(self.final_layer(x, c), self.patch_size, self.out_channels)  # (B, C_out, H, W)
 
 
 # ----- Registry: DiT §3.2 Table 1 configs (depth, hidden, heads) x patch sizes -----

@@ -20,8 +20,7 @@ def _pid_alive(pid):
 
 
 def atomic_write(path, write):
-    """write(f) into <path>.tmp<pid> in the same folder, fsync, then os.replace onto path: the file is either
-    the old one or the complete new one, never half-written. OSError (full disk, read-only folder) -> RunError."""
+    """write(f) into <path>.tmp<pid>, fsync, os.replace onto path: the old file or the new one, never half of it."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -77,8 +76,7 @@ def check_writable(path, what):
 
 
 def check_dir(folder, what):
-    """Fail now if the folder cannot be made or written: it (or its nearest existing parent) is a file, or not
-    writable. Creates nothing, so a command refused later leaves no empty folder behind."""
+    """Fail now if the folder (or its nearest existing parent) is a file or not writable; creates nothing."""
     path = os.path.abspath(folder)
     while not os.path.exists(path):
         path = os.path.dirname(path)

@@ -9,6 +9,7 @@ Every formulation exposes
   training_noise(shape, generator, device) -> (time, noise); training_losses(model, x0, time, noise, model_kwargs)
   network_t(time)         the time the network is fed
   sample(model, shape, sampler=None, steps=None, ...): None means default_sampler / default_steps(sampler)
+  learn_sigma             False but for a learned-variance DDPM (Improved DDPM Eq. 15)
 A model is any callable model(x, network_t(time), **model_kwargs).
 """
 import math
@@ -24,8 +25,7 @@ LOSS_TYPES = ("l2", "l1")
 class Formulation:
     """The interface above; subclasses set formulation, SAMPLERS, default_sampler and _STEPS and define nfe."""
 
-    formulation, SAMPLERS, default_sampler, _STEPS = None, (), None, {}
-    learn_sigma = False  # learned variances are DDPM's (Improved DDPM Eq. 15)
+    formulation, SAMPLERS, default_sampler, _STEPS, learn_sigma = None, (), None, {}, False
 
     @property
     def DEFAULT_STEPS(self):
@@ -82,11 +82,9 @@ def check_output(out, x, name):
 
 
 def model_device(model, device):
-    if device is not None:
-        return torch.device(device)
-    if isinstance(model, torch.nn.Module):
+    if device is None and isinstance(model, torch.nn.Module):
         return next((p.device for p in model.parameters()), torch.device("cpu"))
-    return torch.device("cpu")
+    return torch.device("cpu" if device is None else device)
 
 
 def check_eval(model):
@@ -115,16 +113,19 @@ def bcast(v, x):
 # ----------------------------------------------------------------------------------------------------
 
 def classifier_free_guidance(model, x, t_model, model_kwargs, cfg_scale=1.0, null_label=None, cfg_channels=None):
-    """model(x, t_model, **model_kwargs), with classifier-free guidance when cfg_scale != 1 (Ho & Salimans 2022):
-    one batched call on [x, x] with labels [y, null], then out_u + s (out_c - out_u) on the first `cfg_channels`
-    output channels (all by default; 3 reproduces the official DiT); the remaining channels (and a learned
-    sigma) come from the conditional half. cfg_scale is a float or a callable of the network time t_model.
-    Whatever the model predicts (eps, x0, v, EDM's F, a velocity), the prediction of every formulation is affine
-    in it with coefficients that do not depend on the label, so guiding the raw output guides eps, x0, the
-    denoiser D and the velocity alike."""
-    guided = callable(cfg_scale) or cfg_scale != 1.0
-    if not guided:
-        return model(x, t_model, **model_kwargs)
+    """model(x, t_model, **model_kwargs), guided (Ho & Salimans 2022; see guided_output) when cfg_scale != 1."""
+    if callable(cfg_scale) or cfg_scale != 1.0:
+        return guided_output(model, x, t_model, model_kwargs, cfg_scale, null_label, cfg_channels)
+    return model(x, t_model, **model_kwargs)
+
+
+def guided_output(model, x, t_model, model_kwargs, cfg_scale, null_label, cfg_channels):
+    """Classifier-free guidance (Ho & Salimans 2022): one batched call on [x, x] with labels [y, null], then
+    out_u + s (out_c - out_u) on the first `cfg_channels` output channels (all by default; 3 reproduces the official
+    DiT); the remaining channels (and a learned sigma) come from the conditional half. cfg_scale is a float or a
+    callable of the network time t_model. Whatever the model predicts (eps, x0, v, EDM's F, a velocity), the
+    prediction of every formulation is affine in it with coefficients that do not depend on the label, so guiding
+    the raw output guides eps, x0, the denoiser D and the velocity alike."""
     if null_label is None or model_kwargs.get("y") is None:
         raise ValueError("classifier-free guidance needs labels model_kwargs['y'] and the null_label")
     y = model_kwargs["y"]

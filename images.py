@@ -15,15 +15,13 @@ def to_uint8(x):
 
 
 def save_grid(images, path, nrow=8, pad=2):
-    """(N, C, H, W) uint8 (C = 1 or 3) -> one PNG with nrow images per row and pad black pixels between;
-    written atomically."""
+    """(N, C, H, W) uint8 (C = 1 or 3) -> one PNG (written atomically), nrow per row, pad black pixels between."""
     images = torch.as_tensor(images).cpu()
     if images.ndim != 4 or images.dtype != torch.uint8 or images.shape[1] not in (1, 3):
         raise ValueError(f"save_grid wants uint8 (N, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
     n, c, h, w = images.shape
     cols = max(1, min(nrow, n))
-    rows = math.ceil(n / cols)
-    grid = torch.zeros(c, pad + rows * (h + pad), pad + cols * (w + pad), dtype=torch.uint8)
+    grid = torch.zeros(c, pad + math.ceil(n / cols) * (h + pad), pad + cols * (w + pad), dtype=torch.uint8)
     for i, img in enumerate(images):
         r, k = divmod(i, cols)
         grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
@@ -40,8 +38,7 @@ def plot_losses(records, path, size=(800, 480)):
     pts = [(r["step"], math.log10(r["loss"])) for r in records if r.get("loss", 0) > 0 and math.isfinite(r["loss"])]
     if len(pts) < 2:
         return
-    (W, H), (L, R, T, B) = size, (70, 20, 30, 40)
-    xs, ys = zip(*pts)
+    (W, H), (L, R, T, B), (xs, ys) = size, (70, 20, 30, 40), zip(*pts)  # margins: left, right, top, bottom
     x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-3)  # never 0-wide
     px = lambda s: L + (s - x0) / (x1 - x0) * (W - L - R)
     py = lambda v: T + (y1 - v) / (y1 - y0) * (H - T - B)

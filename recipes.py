@@ -75,10 +75,9 @@ def paper_recipe(backbone, dataset):
 
 
 def resolve(args):
-    """A new Namespace: train_cifar.py's flags with those left unset (None) taken from the backbone's recipe, then
-    RECIPE_DEFAULTS. Under a formulation other than the recipe's: its default sampler and steps, no learned
-    sigma, the 'large' variance. Flags that do not fit together raise RunError."""
-    paper = paper_recipe(args.backbone, args.dataset)
+    """A new Namespace: train_cifar.py's unset (None) flags from the backbone's recipe, then RECIPE_DEFAULTS (another
+    formulation: its own sampler and steps, no learned sigma, 'large' variance). Misfitting flags raise RunError."""
+    paper = (LATENT_RECIPES if args.dataset == "latents" else RECIPES)[args.backbone]
     formulation = first(args.formulation, paper["formulation"])
     if formulation != paper["formulation"]:
         paper = {k: v for k, v in paper.items() if k not in OWN_FORMULATION}
@@ -86,17 +85,11 @@ def resolve(args):
     if formulation != "ddpm":
         recipe["learn_sigma"] = False  # learned variances are DDPM's (Improved DDPM); EDM and flows have none
     new = {k: first(getattr(args, k), v) for k, v in recipe.items()}
-    if args.backbone == "genvit" and args.class_cond:
-        raise RunError("GenViT's denoiser is unconditional (Yang et al. 2022): drop --class-cond; --hybvit trains its "
-                       "classifier head on the labels")
-    if args.hybvit and args.backbone != "genvit":
-        raise RunError("--hybvit is HybViT's objective: it needs --backbone genvit")
-    if args.hybvit and args.dataset == "latents":
-        raise RunError("--hybvit trains a classifier on images: use --dataset cifar10 or folder")
+    if args.backbone == "genvit" or args.hybvit:
+        check_genvit(args)
     diffusion = make_diffusion(formulation=formulation)
-    if args.sampler is not None and args.sampler not in diffusion.SAMPLERS:
-        raise RunError(f"--sampler {args.sampler} is not a {formulation} sampler; choose one of "
-                       f"{', '.join(diffusion.SAMPLERS)}")
+    if args.sampler is not None:
+        check_sampler(args.sampler, diffusion, formulation)
     sampler = first(args.sampler, recipe.get("sampler"), diffusion.default_sampler)
     if formulation != "ddpm" and (new["learn_sigma"] or args.prediction != "eps"):
         raise RunError(f"--learn-sigma and --prediction are DDPM options; --formulation {formulation} has its own "
@@ -107,3 +100,20 @@ def resolve(args):
                keep_every=first(args.keep_every, 10 * args.ckpt_every), betas=list(new["betas"]),
                model_arg=dict(args.model_arg))
     return argparse.Namespace(**{**vars(args), **new})
+
+
+def check_genvit(args):
+    """GenViT's denoiser is unconditional; HybViT (--hybvit) is GenViT's classifier objective, on images."""
+    if args.backbone == "genvit" and args.class_cond:
+        raise RunError("GenViT's denoiser is unconditional (Yang et al. 2022): drop --class-cond; --hybvit trains its "
+                       "classifier head on the labels")
+    if args.hybvit and args.backbone != "genvit":
+        raise RunError("--hybvit is HybViT's objective: it needs --backbone genvit")
+    if args.hybvit and args.dataset == "latents":
+        raise RunError("--hybvit trains a classifier on images: use --dataset cifar10 or folder")
+
+
+def check_sampler(sampler, diffusion, formulation):
+    if sampler not in diffusion.SAMPLERS:
+        raise RunError(f"--sampler {sampler} is not a {formulation} sampler; choose one of "
+                       f"{', '.join(diffusion.SAMPLERS)}")

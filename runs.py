@@ -23,11 +23,17 @@ from training import first_nonfinite, weights_finite
 
 
 def resume_path(resume, out_dir):
-    """The checkpoint that --resume (auto, never or a path) resumes into out_dir (None = a fresh run). Refuses
-    whatever would overwrite another run; a kept checkpoint of this run is a rollback (the log is trimmed)."""
-    latest, log = os.path.join(out_dir, "latest.pt"), os.path.join(out_dir, "log.jsonl")
+    """The checkpoint that --resume (auto, never or a path) resumes into out_dir (None = a fresh run)."""
+    latest = os.path.join(out_dir, "latest.pt")
     if resume == "auto":
         return latest if os.path.exists(latest) else None
+    return explicit_resume(resume, out_dir)
+
+
+def explicit_resume(resume, out_dir):
+    """--resume never / a path: refuses whatever would overwrite another run; a kept checkpoint of this run is a
+    rollback (the log is trimmed)."""
+    latest, log = os.path.join(out_dir, "latest.pt"), os.path.join(out_dir, "log.jsonl")
     if os.path.exists(latest) and not (resume != "never" and os.path.exists(resume)
                                        and os.path.samefile(resume, latest)):
         hint = "use --resume auto to continue it" if resume == "never" else \
@@ -42,7 +48,13 @@ def resume_path(resume, out_dir):
 
 def prepare_folder(out_dir):
     """Create out_dir and remove the temporary files that killed runs left in it (and in samples/)."""
+    if os.path.isdir(out_dir):  # a new folder holds no debris
+        remove_debris(out_dir)
     make_dir(out_dir, "--out-dir")
+
+
+def remove_debris(out_dir):
+    """Remove the temporary files that killed runs left in out_dir and samples/."""
     for folder in (out_dir, os.path.join(out_dir, "samples")):
         removed = remove_stale_temps(folder)
         if removed:
@@ -51,8 +63,7 @@ def prepare_folder(out_dir):
 
 @dataclass
 class Run:
-    """Where a training run stands, and its checkpoints. Under torchrun every process holds one; only the main
-    process (procs.main) writes."""
+    """Where a training run stands, and its checkpoints; under torchrun each process holds one, the main one writes."""
     args: argparse.Namespace
     model: torch.nn.Module
     ema: torch.nn.Module
@@ -94,40 +105,40 @@ class Run:
             atomic_link(path, keep)
 
     def save(self, elapsed):
-        """latest.pt (and, every --keep-every steps, ckpt_XXXXXXX.pt). The kept file is written first and
-        latest.pt then linked to it, so a kill at any moment loses no kept checkpoint: until latest.pt moves
-        on, a resumed run repeats this step and writes it again."""
-        if not self.procs.main:
-            self.last_good = (self.latest, self.step)
-            return
-        state = {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                 "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "args": plain(vars(self.args)),
-                 "rng": rng_state(), "elapsed": elapsed, **self.config}
+        """latest.pt; every --keep-every steps ckpt_XXXXXXX.pt first, then linked: a kill never loses a kept one."""
         keep = self.kept_path()
-        save_checkpoint(state, keep or self.latest)
-        if keep:
-            atomic_link(keep, self.latest)
+        if self.procs.main:
+            save_checkpoint({"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                             "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                             "args": plain(vars(self.args)), "rng": rng_state(), "elapsed": elapsed, **self.config},
+                            keep or self.latest)
+            if keep:
+                atomic_link(keep, self.latest)
         self.last_good = (self.latest, self.step)
 
     def check_finite(self, window=(), weights=False):
-        """Stop with a one-line error, writing nothing, at a non-finite loss in `window` (per-step stats ending at
-        this step) or, with weights, non-finite weights; the last good checkpoint stays as it was."""
+        """RunError, writing nothing, at a non-finite loss in `window` (stats ending now) or weights (with weights)."""
         at = first_nonfinite(window, self.step)
         if at is None and weights and not weights_finite(self.model, self.ema):
             at = self.step
         if at is not None:
-            where = f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good else "none written yet"
-            raise RunError(f"non-finite loss/weights at step {at}; run stopped, last good checkpoint: {where}; "
-                           "resume from it with a lower --lr, --grad-clip 1 or --precision fp32")
+            self.stop_nonfinite(at)
+
+    def stop_nonfinite(self, at):
+        where = f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good else "none written yet"
+        raise RunError(f"non-finite loss/weights at step {at}; run stopped, last good checkpoint: {where}; "
+                       "resume from it with a lower --lr, --grad-clip 1 or --precision fp32")
 
 
 # ----- The log -----
 
 def read_log(path, max_step):
-    """Records of an earlier run up to the resumed step (later ones were not checkpointed). The file is
-    rewritten atomically, so a kill here leaves the old log, never a truncated one."""
-    if not os.path.exists(path):
-        return []
+    """Records of an earlier run up to the resumed step (later ones were not checkpointed); [] for a new run."""
+    return trim_log(path, max_step) if os.path.exists(path) else []
+
+
+def trim_log(path, max_step):
+    """read_log of an existing file, rewritten atomically: a kill here leaves the old log, never a truncated one."""
     records = []
     with open(path) as f:
         for line in f:
@@ -141,18 +152,8 @@ def read_log(path, max_step):
     return records
 
 
-def append_log(path, record):
-    try:
-        with open(path, "a") as f:  # a kill mid-line leaves a partial last line, which read_log drops
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        raise RunError(f"cannot write {path} ({e}); free disk space, then rerun to resume from the last "
-                       "checkpoint") from None
-
-
 class TrainLog:
-    """log.jsonl, loss.png and the progress bar of a run. Each step's loss terms (`keys`) and grad norm stay on the
-    device; write() averages them over the steps and processes (the loop's only host sync) into one record."""
+    """log.jsonl, loss.png and the progress bar; step stats stay on the device until write() (the only host sync)."""
 
     def __init__(self, run, keys):
         self.run, self.keys, self.path = run, keys, os.path.join(run.out_dir, "log.jsonl")
@@ -161,22 +162,14 @@ class TrainLog:
         self.bar = tqdm(total=run.args.steps, initial=run.step, desc=f"{run.args.backbone} {run.args.model}",
                         dynamic_ncols=True, disable=not run.procs.main)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
-
-    def elapsed(self):
-        """Seconds of training, earlier processes of the run included."""
+    def elapsed(self):  # seconds of training, earlier processes of the run included
         return self.run.elapsed + time.time() - self.t_start
 
     def add(self, terms, gnorm):
         self.window.append(torch.stack([terms[k].detach().float().mean() for k in self.keys] + [gnorm.float()]))
         self.bar.update(1)
 
-    def unlogged(self):
-        """The per-step stats since the last write, averaged over the processes."""
+    def unlogged(self):  # the per-step stats since the last write, averaged over the processes
         return list(self.run.procs.mean(torch.stack(self.window))) if self.window else []
 
     def write(self, lr):
@@ -194,9 +187,15 @@ class TrainLog:
 
     def append(self, record):
         """A record (a training window, an FID, a test accuracy) into log.jsonl, by the main process."""
-        if self.run.procs.main:
-            self.records.append(record)
-            append_log(self.path, record)
+        if not self.run.procs.main:
+            return
+        self.records.append(record)
+        try:
+            with open(self.path, "a") as f:  # a kill mid-line leaves a partial last line, which read_log drops
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise RunError(f"cannot write {self.path} ({e}); free disk space, then rerun to resume from the last "
+                           "checkpoint") from None
 
 
 # ----- Stopping on a signal -----

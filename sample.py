@@ -17,7 +17,6 @@ import argparse
 import collections
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ import fid
 import official
 from backbones import load_model
 from checkpoints import validate_checkpoint
-from devices import autocast_forward, check_precision, start_processes
+from devices import Processes, autocast_forward, check_precision, start_processes
 from diffusion import make_diffusion
 from errors import RunError, first_line
 from files import atomic_write, check_writable
@@ -41,33 +40,25 @@ Settings = collections.namedtuple("Settings", "sampler steps cfg_scale cfg_chann
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
-    a("--ckpt", required=True,
-      help="a train_cifar.py checkpoint, or an official DiT / U-ViT / DiffiT / GenViT release file")
+    a("--ckpt", required=True, help="a train_cifar.py checkpoint, or an official DiT / U-ViT / DiffiT / GenViT file")
     a("--out", default=None, help="grid PNG path (default: next to the checkpoint)")
     a("--num-samples", type=int, default=64)
     a("--npz", default=None, help="also write all samples here in the ADM .npz format")
     a("--batch-size", type=int, default=256)
-    a("--sampler", default=None, help="ddpm / ddim / dpm++2m (ddpm checkpoints), heun / euler (edm), euler / heun / "
-                                      "sde (flow);\ndefault: the training run's grid sampler (its recipe's, else "
-                                      "dpm++2m, heun or euler), or the paper's for official files")
-    a("--steps", type=int, default=None, help="sampler steps; default: the training run's --sample-steps with its "
-                                              "sampler, the paper's for official files,\nelse the sampler's usual "
-                                              "count (its formulation's default_steps)")
+    a("--sampler", default=None, help="ddpm/ddim/dpm++2m, heun/euler (edm), euler/heun/sde (flow); default: the run's")
+    a("--steps", type=int, default=None, help="default: the run's --sample-steps (its sampler), else the usual count")
     a("--eta", type=float, default=0.0, help="DDIM eta")
-    a("--cfg-scale", type=float, default=None,
-      help="classifier-free guidance eps_u + s (eps_c - eps_u); 1 = off (default 1, or the paper's for official files)")
+    a("--cfg-scale", type=float, default=None, help="CFG eps_u + s (eps_c - eps_u); default 1 (off), or the paper's")
     a("--class-label", type=int, default=None, help="sample only this class (default: uniform random labels)")
     a("--seed", type=int, default=0)
     a("--no-ema", dest="ema", action="store_false", help="use the raw weights instead of the EMA")
     a("--vae", default=None, help="SD-VAE for latent models: a diffusers folder (e.g. sd-vae-ft-ema) or one file")
     a("--image-size", type=int, default=None, help="official latent models: the image size (checked against the file)")
-    a("--model", default=None, help="official files: the registry name that supplies what shapes cannot tell "
-                                    "(the head count), e.g. DiT-XL/2")
+    a("--model", default=None, help="official files: the registry name for what shapes cannot tell, e.g. DiT-XL/2")
     a("--device", default=None, help="default: cuda if available, else cpu")
     a("--precision", choices=["bf16", "fp16", "fp32"], default="fp32", help="fp16 needs a CUDA GPU")
     a("--nrow", type=int, default=None, help="images per grid row (default: ~sqrt of the grid size)")
-    a("--fid-ref", default=None, help="also compute FID (and IS) in the same pass against this reference: "
-                                      "cifar10-train, cifar10-test or a stats .npz (mu, sigma)")
+    a("--fid-ref", default=None, help="also FID (and IS) against cifar10-train, cifar10-test or a stats .npz")
     a("--data-dir", default="data", help="CIFAR-10 folder for building a named --fid-ref the first time")
     args = p.parse_args(argv)
     for ok, msg in [(args.num_samples >= 1 and args.batch_size >= 1, "--num-samples and --batch-size must be >= 1"),
@@ -84,23 +75,18 @@ def parse_args(argv=None):
 
 
 def read(path):
-    """The file as torch.load(weights_only=True) reads it (it never unpickles code); None for .safetensors, which
-    only official releases use (official.load reads those)."""
+    """torch.load(weights_only=True) of the file (never unpickles code); None for .safetensors (official.load)."""
     if not os.path.isfile(path):
         raise RunError(f"checkpoint {path} does not exist; check the path")
-    if path.endswith(".safetensors"):
-        return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return None if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, random bytes: all "not a checkpoint"
         raise RunError(f"cannot read checkpoint {path} ({first_line(e)[:140]}); it is truncated or not a "
                        "train_cifar.py checkpoint or an official release file") from None
 
 
 def load(args, device):
-    """(model, net, diffusion, meta, defaults, head) of a train_cifar.py checkpoint: net is what sampling calls, meta
-    the checkpoint's data fields, defaults its run's sampler and steps, head a title. Any other file is an official
-    release: official.load returns the same from it."""
+    """(model, net to sample, diffusion, meta, defaults, title) of our checkpoint, or official.load's of a release."""
     ckpt = read(args.ckpt)
     if not (isinstance(ckpt, dict) and ("backbone" in ckpt or "model_kwargs" in ckpt)):
         return official.load(args.ckpt, ckpt, args.model, device)
@@ -109,29 +95,23 @@ def load(args, device):
     diffusion = make_diffusion(**ckpt["diffusion"])  # the checkpoint's formulation (ddpm, edm or flow)
     trained = ckpt.get("args", {})  # the run's grid / FID sampler (e.g. the DiT latent recipe's 250-step DDPM)
     own = trained.get("sampler") in diffusion.SAMPLERS
-    defaults = dict(sampler=trained["sampler"] if own else diffusion.default_sampler,
-                    steps=trained.get("sample_steps") if own else None, cfg_scale=1.0, cfg_channels=None,
-                    cfg_label=None)
+    defaults = dict(sampler=trained["sampler"] if own else diffusion.default_sampler, cfg_scale=1.0,
+                    steps=trained.get("sample_steps") if own else None, cfg_channels=None, cfg_label=None)
     head = f"{ckpt['backbone']} {ckpt['model_name']} at step {ckpt['step']} ({'EMA' if args.ema else 'raw'} weights)"
     return model, model, diffusion, ckpt["data"], defaults, head
 
 
 def resolve(args, diffusion, defaults, null_label):
-    """Settings: the flags, else the file's defaults. The default steps are the file's for its own sampler only,
-    else the sampler's usual count; guidance needs a model trained with label dropout (a null label)."""
+    """Settings: the flags, else the file's defaults (its steps only with its own sampler, else the sampler's)."""
     sampler = args.sampler or defaults["sampler"]
     if sampler not in diffusion.SAMPLERS:
         raise RunError(f"--sampler {sampler} is not a {diffusion.formulation} sampler; choose one of "
                        f"{', '.join(diffusion.SAMPLERS)}")
-    steps = args.steps
-    if steps is None:
-        own = sampler == defaults["sampler"] and defaults["steps"]
-        steps = defaults["steps"] if own else diffusion.default_steps(sampler)
-    if args.cfg_scale is None:
-        cfg_scale, cfg_label = defaults["cfg_scale"], defaults["cfg_label"] or "1"
-    else:
-        cfg_scale, cfg_label = args.cfg_scale, f"{args.cfg_scale:g}"
-    if cfg_label != "1" and null_label is None:
+    own = sampler == defaults["sampler"] and defaults["steps"]
+    steps = args.steps or (defaults["steps"] if own else diffusion.default_steps(sampler))
+    cfg_scale = defaults["cfg_scale"] if args.cfg_scale is None else args.cfg_scale
+    cfg_label = (defaults["cfg_label"] or "1") if args.cfg_scale is None else f"{args.cfg_scale:g}"
+    if cfg_label != "1" and null_label is None:  # guidance needs a model trained with label dropout
         raise RunError("--cfg-scale needs a class-conditional model trained with label dropout (--class-cond, "
                        "--class-dropout)")
     return Settings(sampler, steps, cfg_scale, defaults["cfg_channels"], cfg_label)
@@ -144,8 +124,21 @@ def grid_path(args, s):
     return args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
 
 
-def fid_setup(args, device):
+def check_class_label(label, num_classes):
+    if not 0 <= label < num_classes:
+        raise RunError(f"--class-label must be in 0..{num_classes - 1}" if num_classes else
+                       "--class-label needs a class-conditional model")
+
+
+def vae_decoder(args, meta, device):
+    """Latent models: decode through --vae (else the one the checkpoint names)."""
+    return latent_decoder(args.vae or meta.get("vae"), meta["channels"], meta["image_size"], device, args.image_size)[0]
+
+
+def fid_setup(args, meta, device):
     """(Inception, reference stats) for --fid-ref, loaded before minutes of sampling."""
+    if args.fid_ref.startswith("cifar10") and (meta["dataset"], meta["image_size"]) != ("cifar10", 32):
+        raise RunError(f"--fid-ref {args.fid_ref} only fits CIFAR-10 at 32x32; pass a stats .npz made with fid.py")
     if args.num_samples < 10_000:
         print(f"note: FID from {args.num_samples} samples is biased upwards; papers use 50,000 (--num-samples)")
     try:
@@ -163,77 +156,60 @@ def write_npz(path, images, labels):
           f"{', arr_1 labels' if labels is not None else ''})")
 
 
+def report_fid(args, setup, batches, s, device):
+    """FID (and IS) of the samples against --fid-ref, printed with the settings that made them."""
+    score = fid.fid_score((x for x, _ in batches), *setup, device, args.num_samples)
+    print(f"FID {score[0]:.3f}" + (f", IS {score[1]:.2f}" if score[1] else "") + f" ({args.num_samples} samples vs "
+          f"{args.fid_ref}; pytorch-fid Inception, {s.sampler} {s.steps} steps, cfg {s.cfg_label})")
+    return score
+
+
 def run(args, procs=None, device=None):
-    """Sample (under torchrun every process samples its share of the batches; the main one gathers and writes).
-    -> (FID, IS or None) with --fid-ref, else None."""
+    """Sample (under torchrun each process its share; the main one writes) -> (FID, IS or None) with --fid-ref."""
     if procs is None:
         procs, device = start_processes(args.device)
     check_precision(args.precision, device)
     model, net, diffusion, meta, defaults, head = load(args, device)
     s = resolve(args, diffusion, defaults, model.null_label)
-    decode = None if meta["pixels"] else latent_decoder(args.vae or meta.get("vae"), meta["channels"],
-                                                        meta["image_size"], device, args.image_size)[0]
+    decode = None if meta["pixels"] else vae_decoder(args, meta, device)
     print(f"{head}, {s.sampler} {s.steps} steps, cfg {s.cfg_label}, {args.num_samples} samples on {device}")
     n_cls = meta["num_classes"]
-    if args.class_label is not None and not 0 <= args.class_label < n_cls:
-        raise RunError(f"--class-label must be in 0..{n_cls - 1}" if n_cls else
-                       "--class-label needs a class-conditional model")
-    if args.fid_ref and args.fid_ref.startswith("cifar10") and (meta["dataset"], meta["image_size"]) != ("cifar10", 32):
-        raise RunError(f"--fid-ref {args.fid_ref} only fits CIFAR-10 at 32x32; pass a stats .npz made with fid.py")
+    if args.class_label is not None:
+        check_class_label(args.class_label, n_cls)
     path = grid_path(args, s)
     check_writable(path, "--out")  # outputs checked before minutes of sampling
     if args.npz:
         check_writable(args.npz, "--npz")
-    inception, ref = fid_setup(args, device) if args.fid_ref else (None, None)
+    fid_ref = fid_setup(args, meta, device) if args.fid_ref else None
 
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
-    batches = generate(autocast_forward(net, device, args.precision), diffusion, shape, args.num_samples,
-                       args.batch_size, num_classes=n_cls, class_label=args.class_label, sampler=s.sampler,
-                       steps=s.steps, eta=args.eta, cfg_scale=s.cfg_scale, cfg_channels=s.cfg_channels,
-                       null_label=model.null_label, seed=args.seed, device=device, decode=decode, procs=procs)
-    if not procs.main:  # this process's share; the main process gathers the batches in order and writes
-        for _ in batches:
-            pass
+    batches = list(generate(autocast_forward(net, device, args.precision), diffusion, shape, args.num_samples,
+                            args.batch_size, num_classes=n_cls, class_label=args.class_label, sampler=s.sampler,
+                            steps=s.steps, eta=args.eta, cfg_scale=s.cfg_scale, cfg_channels=s.cfg_channels,
+                            null_label=model.null_label, seed=args.seed, device=device, decode=decode, procs=procs))
+    if not procs.main:  # this process sampled its share; the main process gathered them all in order
         return None
-    out, labels = [], []
-
-    def keep(batches):  # hold every batch for the grid / npz while FID streams through them
-        for x, y in batches:
-            out.append(x)
-            labels.append(y)
-            yield x
-    stream = keep(batches)
-    score = None if inception is None else fid.fid_score(stream, inception, ref, device, args.num_samples)
-    for _ in stream:  # without FID: just gather them
-        pass
-    images = torch.cat(out)                                                    # (N, C, H, W) uint8
-
+    images = torch.cat([x for x, _ in batches])                               # (N, C, H, W) uint8
     grid = images[:256]
     save_grid(grid, path, nrow=args.nrow or math.ceil(math.sqrt(len(grid))))
     print(f"grid of {len(grid)} samples: {path}")
     if args.npz:
-        write_npz(args.npz, images, torch.cat(labels) if n_cls else None)
-    if score is not None:
-        print(f"FID {score[0]:.3f}" + (f", IS {score[1]:.2f}" if score[1] else "") + f" ({len(images)} samples vs "
-              f"{args.fid_ref}; pytorch-fid Inception, {s.sampler} {s.steps} steps, cfg {s.cfg_label})")
-    return score
+        write_npz(args.npz, images, torch.cat([y for _, y in batches]) if n_cls else None)
+    return report_fid(args, fid_ref, batches, s, device) if fid_ref else None
 
 
 def main(argv=None):
     args = parse_args(argv)
-    procs = None
+    procs = Processes()  # replaced by start_processes, closed at the end
     try:
         procs, device = start_processes(args.device)
-        if not procs.main:  # under torchrun one process reports
-            sys.stdout = open(os.devnull, "w")
         return run(args, procs, device)
     except RunError as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
         raise SystemExit("interrupted; nothing was written (the grid and npz are written at the end)")
     finally:
-        if procs is not None:
-            procs.close()
+        procs.close()
 
 
 if __name__ == "__main__":

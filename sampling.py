@@ -10,23 +10,15 @@ from images import to_uint8
 def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, class_label=None, sampler=None,
              steps=None, eta=0.0, cfg_scale=1.0, cfg_channels=None, null_label=None, seed=0, device="cpu",
              progress=True, decode=None, procs=None):
-    """Yield (uint8 (n, C, H, W) CPU images, int64 labels or None) batches of samples by diffusion.sample
-    (sampler / steps None: the formulation's defaults; eta reaches DDIM only, and must be 0 for other samplers).
-    The initial noise and the labels come from a CPU generator (the same for a seed on any device); the
-    per-step noise of stochastic samplers comes from a generator on the device. Labels: class_label, else
-    uniform. decode maps samples to images in [-1, 1] first (a VAE decoder for latent models). Under torchrun
-    (procs) batch k is sampled by rank k % world and every round of batches is gathered on the main process,
-    which yields them in order (the others yield nothing): the same samples, in the same order, as one process."""
+    """Yield (uint8 (n, C, H, W) images, labels or None) batches; noise and labels from a CPU generator (the same on
+    any device). decode: samples -> [-1, 1] (a VAE). Under torchrun rank k % world samples batch k, main yields all."""
     sampler = diffusion.default_sampler if sampler is None else sampler
     if eta and sampler != "ddim":
         raise RunError(f"eta is the DDIM sampler's option; the {sampler} sampler takes none (drop --eta)")
     options = {"eta": eta} if sampler == "ddim" else {}  # sampler-specific options, only where the sampler has them
     procs = procs or Processes()
     gen = torch.Generator().manual_seed(seed)
-    labels = None
-    if num_classes:
-        labels = torch.full((num_samples,), class_label) if class_label is not None \
-            else torch.randint(num_classes, (num_samples,), generator=gen)
+    labels = draw_labels(num_samples, num_classes, class_label, gen) if num_classes else None
     starts = range(0, num_samples, batch_size)
     mine = None
     for k, i in enumerate(tqdm(starts, desc="sampling", disable=not progress or not procs.main)):
@@ -45,3 +37,10 @@ def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, clas
                 if batch is not None:
                     yield batch
             mine = None
+
+
+def draw_labels(num_samples, num_classes, class_label, gen):
+    """class_label for every sample, else uniform labels from gen (drawn before any noise)."""
+    if class_label is not None:
+        return torch.full((num_samples,), class_label)
+    return torch.randint(num_classes, (num_samples,), generator=gen)

@@ -13,14 +13,9 @@ import torch
 
 from diffusion import (EDM, FlowMatching, GaussianDiffusion, discretized_gaussian_log_likelihood, make_betas,
                        make_diffusion, normal_kl, power_cosine_guidance, space_timesteps)
+from conftest import MU, SHAPE, STD, TimeIgnoring, TwoOracles, moments, view
 
 T = 1000
-MU = torch.tensor([-0.6, -0.2, 0.0, 0.3, 0.5, 0.8])
-STD = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
-
-
-def view(v, x):
-    return v.reshape(1, -1, *([1] * (x.ndim - 2))).to(x)
 
 
 class GaussianOracle:
@@ -58,13 +53,6 @@ class GaussianOracle:
         lo = torch.from_numpy(r.posterior_log_variance_clipped)[i].reshape(-1, 1, 1, 1)
         hi = torch.from_numpy(np.log(r.betas))[i].reshape(-1, 1, 1, 1)
         return (2 * (log_true - lo) / (hi - lo) - 1).expand_as(x)
-
-
-def moments(x):
-    return x.double().mean(dim=(0, 2, 3)), x.double().std(dim=(0, 2, 3))
-
-
-SHAPE = (4000, 6, 2, 2)  # 16,000 draws per channel: mean s.e. ~ std / 126
 
 
 # ------------------------------------------------------------------ schedules and closed forms
@@ -310,23 +298,13 @@ def test_eta_is_ddims_option_only():
         == (1, 1, 2, 2)
 
 
-class TwoOracles:
-    """Conditional oracle for N(mu_c, s^2) when y != null, unconditional N(mu_u, s^2) for the null label."""
-
-    def __init__(self, d, mu_c, mu_u, null):
-        self.o, self.mu_c, self.mu_u, self.null = GaussianOracle(d), mu_c, mu_u, null
-
-    def __call__(self, x, t, y):
-        return self.o(x, t, mu=torch.where((y == self.null)[:, None], self.mu_u, self.mu_c))
-
-
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "ddpm"])
 def test_classifier_free_guidance_moves_the_mean_as_theory_says(sampler):
     # the mean is exact for every sampler (the map is affine); the std is checked by the tests above
     """With equal variances, eps_u + w (eps_c - eps_u) is the oracle of N(mu_u + w (mu_c - mu_u), s^2)."""
     d = GaussianDiffusion("linear", T)
     mu_c, mu_u, w = torch.full((6,), 0.4), torch.full((6,), -0.2), 2.5
-    oracle = TwoOracles(d, mu_c, mu_u, null=10)
+    oracle = TwoOracles(GaussianOracle(d), mu_c, mu_u, null=10)
     y = torch.zeros(SHAPE[0], dtype=torch.long)
     x = d.sample(oracle, SHAPE, sampler, steps=50, model_kwargs={"y": y}, cfg_scale=w, null_label=10,
                  generator=torch.Generator().manual_seed(4))
@@ -348,15 +326,6 @@ def test_guidance_needs_labels_and_null_and_valid_channels():
         GaussianDiffusion("linear", 100, learn_sigma=True).sample(
             lambda x, t, y: torch.cat([x, x], 1), (2, 2, 2, 2), "ddim", cfg_scale=2.0, null_label=5,
             cfg_channels=4, model_kwargs={"y": torch.zeros(2, dtype=torch.long)})
-
-
-class TimeIgnoring(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.m = torch.nn.Conv2d(1, 1, 1)
-
-    def forward(self, x, t):
-        return self.m(x)
 
 
 def test_sampling_refuses_a_model_in_training_mode():
@@ -397,7 +366,7 @@ def test_power_cosine_guidance_gets_the_original_t():
     s = power_cosine_guidance(4.6, power=4)  # its closed form: test_formulations.py
     # a schedule is accepted by every sampler in place of a constant scale
     d = GaussianDiffusion("linear", T)
-    oracle = TwoOracles(d, torch.full((6,), 0.4), torch.full((6,), -0.2), null=10)
+    oracle = TwoOracles(GaussianOracle(d), torch.full((6,), 0.4), torch.full((6,), -0.2), null=10)
     seen = []
     recording = lambda t: seen.append(t[0].item()) or s(t)
     x = d.sample(oracle, (2, 6, 2, 2), "dpm++2m", steps=10, model_kwargs={"y": torch.zeros(2, dtype=torch.long)},
@@ -442,8 +411,6 @@ def test_make_diffusion_round_trips_config():
         make_diffusion("edm", sigma=1.0, P_mean_x=0.0)
     with pytest.raises(ValueError, match="schedule"):
         make_diffusion("flow", schedule="linear")
-
-
 
 
 def test_make_diffusion_rebuilds_old_checkpoint_configs():

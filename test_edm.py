@@ -1,5 +1,5 @@
 """edm.py (EDM, Karras et al. 2022) against closed forms, and its samplers against the exact oracle of
-test_formulations.py (data N(mu, s^2) per dimension; the optimal denoiser D* = E[x0 | x])."""
+conftest.py (data N(mu, s^2) per dimension; the optimal denoiser D* = E[x0 | x])."""
 import math
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edm import EDM
-from test_formulations import MU, SHAPE, STD, EDMOracle, TwoOracles, assert_gaussian, edm_sigma_from_t
+from conftest import MU, SHAPE, STD, EDMOracle, TwoOracles, assert_gaussian, edm_sigma_from_t
 
 # ------------------------------------------------------------------ EDM closed forms
 

@@ -1,10 +1,10 @@
 """flow.py (flow matching / rectified flow) against closed forms, and its samplers against the exact oracle of
-test_formulations.py (data N(mu, s^2) per dimension; the optimal velocity v* = E[eps - x0 | x_t])."""
+conftest.py (data N(mu, s^2) per dimension; the optimal velocity v* = E[eps - x0 | x_t])."""
 import pytest
 import torch
 
 from flow import FlowMatching
-from test_formulations import MU, SHAPE, STD, FlowOracle, TwoOracles, assert_gaussian, flow_t_from_network_t
+from conftest import MU, SHAPE, STD, FlowOracle, TwoOracles, assert_gaussian, flow_t_from_network_t
 
 # ------------------------------------------------------------------ flow matching
 

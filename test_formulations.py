@@ -1,15 +1,8 @@
-"""formulations.py, the interface the three formulations share, and the oracles the EDM and flow tests use:
-exact network-call counts (nfe) and defaults of every sampler, the Euler/Heun integrator's order, guidance,
-the guards, sampler options and the L1 loss in every formulation.
-
-The oracles: for data x0 ~ N(mu, s^2) independently per dimension,
-  EDM   x = x0 + sigma n ~ N(mu, s^2 + sigma^2) and the optimal denoiser is
-        D*(x; sigma) = E[x0 | x] = (s^2 x + sigma^2 mu) / (s^2 + sigma^2);
-  flow  x_t = (1 - t) x0 + t eps ~ N((1 - t) mu, V_t), V_t = (1 - t)^2 s^2 + t^2, and the optimal velocity is
-        v*(x, t) = E[eps - x0 | x_t] = t r - (mu + (1 - t) s^2 r),  r = (x - (1 - t) mu) / V_t.
-The oracles see only what a network sees (c_in x and the network time for EDM; x_t and the network time for
-flow) and recover sigma, x and t by inverting the mappings written out below from the papers, so the tests
-pin network_t and the preconditioning as well. Samplers driven by them must return N(mu, s^2).
+"""formulations.py, the interface the three formulations share: exact network-call counts (nfe) and defaults of
+every sampler, the Euler/Heun integrator's order, guidance, the guards, sampler options and the L1 loss in every
+formulation. Samplers are driven by conftest.py's exact oracles for data N(mu, s^2) per dimension (EDM's optimal
+denoiser, flow matching's optimal velocity), written from the papers, so the tests pin network_t and the
+preconditioning as well.
 """
 import math
 
@@ -18,79 +11,8 @@ import pytest
 import torch
 
 from diffusion import EDM, FlowMatching, GaussianDiffusion, make_diffusion
+from conftest import MU, SHAPE, EDMOracle, FlowOracle, TimeIgnoring, TwoOracles, moments
 from formulations import classifier_free_guidance, euler_heun, power_cosine_guidance
-
-MU = torch.tensor([-0.6, -0.2, 0.0, 0.3, 0.5, 0.8])
-STD = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
-SHAPE = (4000, 6, 2, 2)  # 16,000 draws per channel: mean s.e. ~ std / 126
-
-
-def view(v, x):
-    return v.reshape(-1, x.shape[1], *([1] * (x.ndim - 2))).to(x)
-
-
-def moments(x):
-    return x.double().mean(dim=(0, 2, 3)), x.double().std(dim=(0, 2, 3))
-
-
-def edm_sigma_from_t(t):
-    """Inverse of EDM.network_t: the network time is c_noise = ln(sigma) / 4 itself (EDM Table 1)."""
-    return torch.exp(4 * t.double())
-
-
-def flow_t_from_network_t(t):
-    """Inverse of FlowMatching.network_t = 999 t."""
-    return t.double() / 999
-
-
-class EDMOracle:
-    """F = (D* - c_skip x) / c_out from the network inputs (c_in x, c_noise), EDM Table 1 coefficients."""
-
-    def __init__(self, mu=MU, std=STD, sigma_data=0.5):
-        self.mu, self.std, self.sd = mu.double(), std.double(), sigma_data
-        self.calls, self.batches = 0, []
-
-    def __call__(self, x_in, t, mu=None):
-        self.calls += 1
-        self.batches.append(x_in.shape[0])
-        sd, dtype = self.sd, x_in.dtype
-        sigma = edm_sigma_from_t(t).reshape(-1, *([1] * (x_in.ndim - 1)))
-        x = x_in.double() * torch.sqrt(sigma ** 2 + sd ** 2)  # undo c_in
-        var, mu = view(self.std ** 2, x), view(self.mu if mu is None else mu.double(), x)
-        d = (var * x + sigma ** 2 * mu) / (var + sigma ** 2)
-        c_skip, c_out = sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / torch.sqrt(sigma ** 2 + sd ** 2)
-        return ((d - c_skip * x) / c_out).to(dtype)
-
-
-class FlowOracle:
-    def __init__(self, mu=MU, std=STD):
-        self.mu, self.std = mu.double(), std.double()
-        self.calls, self.batches = 0, []
-
-    def __call__(self, x, t, mu=None):
-        self.calls += 1
-        self.batches.append(x.shape[0])
-        dtype, x = x.dtype, x.double()
-        t = flow_t_from_network_t(t).reshape(-1, *([1] * (x.ndim - 1)))
-        var, mu = view(self.std ** 2, x), view(self.mu if mu is None else mu.double(), x)
-        r = (x - (1 - t) * mu) / ((1 - t) ** 2 * var + t ** 2)
-        return (t * r - (mu + (1 - t) * var * r)).to(dtype)
-
-
-class TwoOracles:
-    """Conditional oracle N(mu_c, s^2) for y != null, unconditional N(mu_u, s^2) for the null label."""
-
-    def __init__(self, oracle, mu_c, mu_u, null):
-        self.o, self.mu_c, self.mu_u, self.null = oracle, mu_c, mu_u, null
-
-    def __call__(self, x, t, y):
-        return self.o(x, t, mu=torch.where((y == self.null)[:, None], self.mu_u, self.mu_c))
-
-
-def assert_gaussian(x, rtol, mu=MU, std=STD, atol_mean=0.012):
-    mean, sd = moments(x)
-    torch.testing.assert_close(mean, mu.double(), atol=atol_mean, rtol=0)
-    torch.testing.assert_close(sd, std.double(), rtol=rtol, atol=2e-3)
 
 
 # ------------------------------------------------------------------ the interface: defaults and exact nfe
@@ -222,7 +144,6 @@ def test_callable_guidance_gets_the_network_time():
         np.testing.assert_allclose(seen, times(), rtol=1e-5)
 
 
-
 def test_sampling_is_deterministic_and_takes_only_its_own_options():
     for d, o, sampler, kw in [(EDM(), EDMOracle(), "heun", {"S_churn": 10.0}),
                               (FlowMatching(), FlowOracle(), "sde", {})]:
@@ -259,15 +180,6 @@ def test_classifier_free_guidance_is_one_batched_call():
     assert seen[1] == (2, [3, 3])
 
 
-class TimeIgnoring(torch.nn.Module):
-    def __init__(self, out_channels=1):
-        super().__init__()
-        self.m = torch.nn.Conv2d(1, out_channels, 1)
-
-    def forward(self, x, t):
-        return self.m(x)
-
-
 @pytest.mark.parametrize("d", [EDM(), FlowMatching()])
 def test_guards_training_mode_learned_sigma_and_bad_arguments(d):
     model = TimeIgnoring()
@@ -291,7 +203,6 @@ def test_guards_training_mode_learned_sigma_and_bad_arguments(d):
         d.sample(lambda x, t, y=None: x, (1, 1, 2, 2), steps=2, cfg_scale=2.0, model_kwargs={"y": torch.zeros(1)})
     assert d.learn_sigma is False and d.formulation in ("edm", "flow")
     assert set(d.DEFAULT_STEPS) == set(d.SAMPLERS)
-
 
 
 # ----- The L1 loss option (GenViT's loss_type='l1') -----

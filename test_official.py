@@ -2,7 +2,7 @@
 official.py and sample.py on official release files: bare state_dicts in the DiT / U-ViT / DiffiT layouts (built here
 from our registry at small sizes, saved as the releases store them: .pt, .pth, .safetensors) are recognised by their
 keys and shapes, loaded strictly, given their paper's sampling defaults, and sampled through a tiny SD-VAE to a uint8
-npz.
+npz; an official GenViT training file is recognised, converted and sampled.
 """
 import json
 import os
@@ -13,11 +13,12 @@ import torch
 
 import diffit
 import dit
+import genvit
 import official
 import sample
 import uvit
 import vae
-from conftest import randomized
+from conftest import genvit_official_state_dict, randomized
 
 # Small official-layout models of 4 x 8 x 8 latents with a 1001-row-style label table (10 classes + null row).
 # Hidden sizes are small, so --model names the release config that supplies the head count (as a user would).
@@ -45,21 +46,6 @@ def release_file(tmp_path, backbone):
     else:
         torch.save(sd, path)  # a bare state_dict, as the releases store them
     return model, str(path), extra
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    """A diffusers-format folder (config.json + safetensors) of a 2x-downsampling, 4-latent-channel VAE."""
-    folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    folder.mkdir()
-    config = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 32], layers_per_block=1,
-                  norm_num_groups=32, act_fn="silu", sample_size=16)
-    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **config}))
-    torch.manual_seed(1)
-    model = vae.AutoencoderKL(**config)
-    vae.save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()},
-                         str(folder / "diffusion_pytorch_model.safetensors"))
-    return str(folder)
 
 
 @pytest.mark.parametrize("backbone", sorted(OFFICIAL))
@@ -137,3 +123,19 @@ def test_bad_official_inputs_are_one_line(tmp_path, tiny_vae, capsys, problem, e
         sample.main(argv)
     msg = e.value.code
     assert isinstance(msg, str) and expect in msg and "\n" not in msg and not (tmp_path / "g.png").exists()
+
+
+def test_official_training_file_samples(tmp_path):
+    """An official gevit_main.py file ({'model_state_dict': 'denoise_fn.'-prefixed ViT + schedule buffers, 'epoch'})
+    is recognised, converted, and sampled with GenViT's 1000-step ancestral DDPM on the cosine schedule."""
+    sd = {"denoise_fn." + k: v.float() for k, v in genvit_official_state_dict(seed=3).items()}
+    sd.update({name: torch.rand(1000) for name in genvit.DIFFUSION_BUFFERS})
+    torch.save({"model_state_dict": sd, "epoch": 499}, tmp_path / "ema_checkpoint.pth")
+    spec = official.recognise(sd, "ema_checkpoint.pth")
+    assert (spec["model_name"], spec["diffusion"], spec["defaults"]["steps"]) == \
+        ("GenViT-CIFAR", {"schedule": "cosine", "fixed_variance": "small"}, 1000)
+    assert spec["model_kwargs"] == dict(input_size=32, patch_size=4, in_channels=3, hidden_size=384, depth=9,
+                                        num_heads=12, head_dim=32, mlp_ratio=2.0, num_classes=10)
+    sample.main(["--ckpt", str(tmp_path / "ema_checkpoint.pth"), "--num-samples", "2", "--steps", "2",
+                 "--npz", str(tmp_path / "g.npz"), "--out", str(tmp_path / "g.png")])
+    assert np.load(tmp_path / "g.npz")["arr_0"].shape == (2, 32, 32, 3)

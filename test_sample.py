@@ -1,8 +1,9 @@
 """
-sample.py on a hand-built train_cifar.py checkpoint (a tiny DiT, no training): the sampling settings are resolved
+sample.py. On a hand-built train_cifar.py checkpoint (a tiny DiT, no training): the sampling settings are resolved
 from the flags and the checkpoint without touching args, our checkpoints never reach official.py, and the help text
-names no stale defaults. End-to-end runs on trained checkpoints are in test_train.py, test_reliability.py,
-test_latents.py and test_genvit.py; official release files in test_official.py.
+names no stale defaults. On conftest.py's trained run: the grid and npz, FID in the same pass as the npz, grid names
+that say EMA or raw, and bad input (one line, nothing written). Official release files are in test_official.py;
+runs of every backbone, formulation and latent model end in sample.py in test_train_cifar.py.
 """
 import argparse
 import os
@@ -15,7 +16,7 @@ import dit
 import official
 import sample
 from checkpoints import CHECKPOINT_KEYS
-from conftest import randomized
+from conftest import CPU_ONLY, a_file, image, one_line_error, randomized, snapshot
 from diffusion import make_diffusion
 
 KW = dict(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=10,
@@ -91,3 +92,69 @@ def test_help_names_no_stale_defaults(capsys):
     assert "{" not in steps and "usual count" in steps  # once a python dict of step counts
     with open(sample.__file__) as f, open(official.__file__) as g:
         assert max(len(line.rstrip("\n")) for line in f.readlines() + g.readlines()) <= 120
+
+
+# ----- Trained checkpoints: grid, npz and FID in one pass -----
+
+def test_sample_grid_and_npz_unconditional(tmp_path, baseline):
+    npz, png = tmp_path / "u.npz", tmp_path / "u.png"
+    sample.main(["--ckpt", str(baseline / "latest.pt"), "--num-samples", "3", "--batch-size", "2", "--steps", "2",
+                 "--npz", str(npz), "--out", str(png)])
+    with np.load(npz) as f:
+        assert f.files == ["arr_0"] and f["arr_0"].shape == (3, 32, 32, 3) and f["arr_0"].dtype == np.uint8
+    assert image(png).shape == (2 + 2 * 34, 2 + 2 * 34, 3)        # ceil(sqrt(3)) = 2 per row, 2 rows
+
+
+def test_sample_py_fid_in_the_same_pass_as_the_npz(tmp_path, baseline, fake_inception, capsys):
+    import fid
+    net, ref = fake_inception
+    npz = tmp_path / "s.npz"
+    score, is_mean = sample.main(["--ckpt", str(baseline / "latest.pt"), "--num-samples", "12",
+                                  "--batch-size", "5", "--steps", "2", "--npz", str(npz), "--fid-ref", ref,
+                                       "--out", str(tmp_path / "g.png")])
+    assert "FID" in capsys.readouterr().out
+    with np.load(npz) as f:
+        mu, sigma = fid.compute_statistics(f["arr_0"], model=net, device="cpu")
+    # 12 images of 48 features: a singular covariance, whose matrix square root turns 1e-16 rounding into ~1e-8
+    assert score == pytest.approx(fid.frechet_distance(mu, sigma, *fid.load_stats(ref)), rel=1e-6)
+    assert 1 <= is_mean <= 10  # IS lies between 1 and the number of classes
+
+
+def test_sample_grid_names_say_ema_or_raw(existing):
+    for flag, tag in [([], "ema"), (["--no-ema"], "raw")]:
+        sample.main(["--ckpt", str(existing / "latest.pt"), "--num-samples", "2", "--steps", "1", *flag])
+    names = sorted(f for f in os.listdir(existing) if f.startswith("sample_"))
+    assert names == ["sample_latest_ema_dpm++2m_1steps_cfg1.png", "sample_latest_raw_dpm++2m_1steps_cfg1.png"]
+
+
+# ----- Bad input: one line, nothing written -----
+
+def edited_kwargs(existing, tmp_path):
+    ck = torch.load(existing / "latest.pt", weights_only=True)
+    ck["model_kwargs"]["depth"] = 3
+    torch.save(ck, tmp_path / "edited.pt")
+    return ["--ckpt", str(tmp_path / "edited.pt")]
+
+
+SAMPLE_BAD = [
+    (edited_kwargs, "do not fit DiT-Tiny with the recorded model_kwargs"),
+    (lambda e, t: ["--out", os.path.join(a_file(e, t), "g.png")], "plain.txt is a file, not a folder"),
+    (lambda e, t: ["--npz", os.path.join(a_file(e, t), "s.npz")], "plain.txt is a file, not a folder"),
+    (lambda e, t: ["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+    (lambda e, t: ["--eta", "5"], "--eta must be in [0, 1]"),
+    (lambda e, t: ["--eta", "-1"], "--eta must be in [0, 1]"),
+    (lambda e, t: ["--nrow", "0"], "--nrow must be >= 1"),
+    (lambda e, t: ["--steps", "0"], "--steps must be in 1..1000"),
+    pytest.param(lambda e, t: ["--precision", "fp16"], "--precision fp16 needs a CUDA device", marks=CPU_ONLY),
+    (lambda e, t: ["--device", "foo"], "--device 'foo' is not a device"),
+]
+
+
+@pytest.mark.parametrize("extra, expect", SAMPLE_BAD)
+def test_sample_bad_input(existing, tmp_path, capsys, extra, expect):
+    argv = ["--ckpt", str(existing / "latest.pt"), "--num-samples", "2", "--steps", "1"] + extra(existing, tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert expect in one_line_error(e, capsys)
+    assert snapshot(tmp_path) == before

@@ -17,6 +17,7 @@ import diffusion
 import dit
 import genvit
 import uvit
+from conftest import randomized
 
 REF = Path(__file__).resolve().parent / "reference"  # facts from the official code, see reference/README.md
 COUNTS = json.loads((REF / "dit_param_counts.json").read_text())
@@ -28,18 +29,6 @@ def tiny(**kw):
     """A very small DiT for forward/backward tests (4x8x8 input, 2 blocks, D=32, 2 heads)."""
     cfg = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5)
     return dit.DiT(**{**cfg, **kw})
-
-
-def randomize(model, seed=0, gain=1.0):
-    """Overwrite every trainable weight (incl. the zero-initialised adaLN/final layers) with N(0, gain^2/fan_in)
-    (biases N(0, 0.1^2)), so outputs are non-trivial yet activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                std = gain / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.1
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def inputs(model, B=4, seed=1):
@@ -109,7 +98,7 @@ def test_xl2_state_dict_layout():
 
 
 def test_state_dict_roundtrip_strict():
-    src = randomize(tiny())
+    src = randomized(tiny())
     buf = io.BytesIO()
     torch.save(src.state_dict(), buf)
     buf.seek(0)
@@ -154,14 +143,14 @@ def test_initialisation_statistics():
 
 @pytest.mark.parametrize("learn_sigma,c_out", [(True, 8), (False, 4)])
 def test_output_shape_learn_sigma(learn_sigma, c_out):
-    model = randomize(tiny(learn_sigma=learn_sigma))
+    model = randomized(tiny(learn_sigma=learn_sigma))
     x, t, y = inputs(model)
     assert model.out_channels == c_out
     assert model(x, t, y).shape == (4, c_out, 8, 8)
 
 
 def test_unconditional_model():
-    model = randomize(tiny(num_classes=0))
+    model = randomized(tiny(num_classes=0))
     assert model.y_embedder is None and model.null_label is None
     assert not any(k.startswith("y_embedder") for k in model.state_dict())
     x, t, y = inputs(model)
@@ -172,7 +161,7 @@ def test_unconditional_model():
 
 
 def test_float_timesteps_accepted():
-    model = randomize(tiny()).eval()
+    model = randomized(tiny()).eval()
     x, t, y = inputs(model)
     assert torch.equal(model(x, t, y), model(x, t.float(), y))
 
@@ -235,7 +224,7 @@ def test_attention_layout_matches_hand_computation():
 
 
 def test_sdpa_matches_math_forward_and_grad():
-    m_math = randomize(tiny(attention="math"), gain=1.5)
+    m_math = randomized(tiny(attention="math"), gain=1.5)
     m_sdpa = tiny(attention="sdpa")
     m_sdpa.load_state_dict(m_math.state_dict())
     x, t, y = inputs(m_math)
@@ -309,7 +298,7 @@ def official_forward_with_cfg(model, x, t, y, cfg_scale):
 def test_three_channel_guidance_is_the_official_forward_with_cfg():
     """The one guidance path, diffusion.classifier_free_guidance with cfg_channels=3, gives the official DiT's
     guided half: channels 0..2 guided, channel 3 and the variances from the conditional half."""
-    model = randomize(tiny()).eval()
+    model = randomized(tiny()).eval()
     n, s = 3, 2.5  # an odd batch: the shared path doubles it itself (the official call needs [x; anything])
     x, t, labels = inputs(model, B=n)
     t = t[:1].repeat(n)
@@ -398,7 +387,7 @@ def test_grad_checkpoint_same_gradients(monkeypatch):
     monkeypatch.setattr(dit, "checkpoint", lambda *a, **k: calls.append(k) or real(*a, **k))
     grads = []
     for ckpt in (False, True):
-        model = randomize(tiny(grad_checkpoint=ckpt, class_dropout_prob=0.0)).train()
+        model = randomized(tiny(grad_checkpoint=ckpt, class_dropout_prob=0.0)).train()
         x, t, y = inputs(model)
         model(x, t, y).square().mean().backward()
         grads.append([p.grad for p in model.parameters() if p.requires_grad])

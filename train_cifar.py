@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import sys
 
 import numpy as np
 import torch
@@ -58,72 +57,89 @@ def model_arg(text):
         return key, value
 
 
+RECIPE = "default: the backbone's recipe"  # flags left unset (None) take the backbone's recipe (recipes.py)
+BOOL = argparse.BooleanOptionalAction
+# Every flag, in --help order: flag -> add_argument keywords.
+FLAGS = {
+    # model and data
+    "--backbone": dict(required=True, choices=list(BACKBONES), help="model family"),
+    "--model": dict(help="name in the backbone's MODELS registry (default: the recipe's)"),
+    "--model-arg": dict(type=model_arg, action="append", default=[], metavar="KEY=VALUE",
+                        help="constructor override, repeatable (e.g. --model-arg depth=6)"),
+    "--dataset": dict(default="cifar10", choices=["cifar10", "folder", "latents"]),
+    "--data-dir": dict(default="data", help="cifar10: download folder; folder: image root; latents: an "
+                                            "extract_latents.py folder or a .npz/.pt file"),
+    "--cifar-url": dict(help="override the CIFAR-10 tarball URL (a mirror or file://)"),
+    "--image-size": dict(type=int, default=32),
+    "--no-flip": dict(dest="flip", action="store_false", help="no random horizontal flips"),
+    "--class-cond": dict(action=BOOL, help="class-conditional (default: on for extract_latents.py folders with "
+                                           "classes, off otherwise, as the papers' CIFAR-10)"),
+    "--vae": dict(help="latents: the SD-VAE that decodes grids and FID samples (default: the latents' meta.json)"),
+    "--class-dropout": dict(type=float, default=0.1, help="label dropout probability for classifier-free guidance"),
+    # diffusion
+    "--learn-sigma": dict(action=BOOL, help="learned variance, hybrid loss"),
+    "--schedule": dict(choices=SCHEDULES, help="default: the recipe's (linear; U-ViT latents: scaled_linear; "
+                                               "GenViT: cosine)"),
+    "--prediction": dict(default="eps", choices=PREDICTIONS, help="ddpm: what the network predicts"),
+    "--fixed-variance": dict(choices=["large", "small"], help="ddpm without --learn-sigma: sampling variance "
+                                                              "beta_t (large) or the posterior's (small, GenViT)"),
+    "--loss-type": dict(choices=LOSS_TYPES, help="squared (l2) or absolute (l1, GenViT) error; default: the "
+                                                 "recipe's"),
+    "--formulation": dict(choices=FORMULATIONS, help="ddpm (discrete DDPM), edm (Karras et al. 2022) or flow "
+                                                     "(linear flow matching); default: the recipe's"),
+    # optimization
+    "--steps": dict(type=int, help=RECIPE),
+    "--batch-size": dict(type=int, help=RECIPE),
+    "--lr": dict(type=float, help=RECIPE),
+    "--weight-decay": dict(type=float, help=RECIPE),
+    "--warmup": dict(type=int, help=RECIPE),
+    "--grad-clip": dict(type=float, help=RECIPE),
+    "--ema-decay": dict(type=float, help=RECIPE),
+    "--betas": dict(type=float, nargs=2, help="AdamW betas (default: the recipe's)"),
+    "--lr-schedule": dict(choices=["constant", "cosine"], help="after the linear warm-up: constant (DiT, U-ViT) or "
+                                                               "cosine decay to --min-lr (GenViT)"),
+    "--min-lr": dict(type=float, help="cosine schedule: the first and last LR (GenViT: 1e-6)"),
+    # HybViT
+    "--hybvit": dict(action="store_true", help="genvit: HybViT's joint objective, --px-weight x diffusion loss + "
+                                               "--ce-weight x cross-entropy of the classifier on another batch"),
+    "--px-weight": dict(type=float, default=100.0, help="HybViT: weight of the diffusion loss (paper: 100)"),
+    "--ce-weight": dict(type=float, default=1.0, help="HybViT: weight of the cross-entropy (paper: 1)"),
+    "--label-smoothing": dict(type=float, default=0.1, help="HybViT: label smoothing of the cross-entropy"),
+    # machine
+    "--seed": dict(type=int, default=0),
+    "--precision": dict(choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs with it, else fp32 (on a "
+                                                               "CPU bf16 pays off only with AMX)"),
+    "--device": dict(help="default: cuda if available, else cpu"),
+    "--compile": dict(action="store_true", help="torch.compile the model"),
+    "--grad-checkpoint": dict(action="store_true", help="recompute block activations in backward (saves memory)"),
+    "--attention": dict(default="sdpa", choices=["sdpa", "math"]),
+    # outputs
+    "--out-dir": dict(help="default: runs/<backbone>-<model>-<dataset>"),
+    "--resume": dict(default="auto", help="auto (latest.pt in --out-dir if any), never, or a checkpoint path"),
+    "--log-every": dict(type=int, default=100),
+    "--sample-every": dict(type=int, default=5000, help="0 = no sample grids"),
+    "--sampler": dict(help="sampler for grids and FID: ddpm / ddim / dpm++2m (ddpm), heun / euler (edm), "
+                           "euler / heun / sde (flow); default: the recipe's"),
+    "--sample-steps": dict(type=int, help="default: the recipe's, else the sampler's usual count"),
+    "--ckpt-every": dict(type=int, default=5000),
+    "--keep-every": dict(type=int, help="also keep ckpt_XXXXXXX.pt every this many steps (0 = never; default 10 x "
+                                        "--ckpt-every)"),
+    "--fid-every": dict(type=int, default=0, help="FID of the EMA model every this many steps (0 = never)"),
+    "--fid-samples": dict(type=int, default=10_000, help="samples per FID (U-ViT selects checkpoints by FID-10k)"),
+    "--fid-ref": dict(default="cifar10-train", help="cifar10-train, cifar10-test or a stats .npz (mu, sigma)"),
+}
+
+
 def parse_args(argv=None):
+    """FLAGS parsed, unset ones from the backbone's recipe (recipes.resolve), then range-checked."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    a = p.add_argument
-    a("--backbone", required=True, choices=list(BACKBONES), help="model family")
-    a("--model", help="name in the backbone's MODELS registry (default: the recipe's)")
-    a("--model-arg", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
-      help="constructor override, repeatable (e.g. --model-arg depth=6)")
-    a("--dataset", default="cifar10", choices=["cifar10", "folder", "latents"])
-    a("--data-dir", default="data",
-      help="cifar10: download folder; folder: image root; latents: an extract_latents.py folder or a .npz/.pt file")
-    a("--cifar-url", default=None, help="override the CIFAR-10 tarball URL (a mirror or file://)")
-    a("--image-size", type=int, default=32)
-    a("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
-    a("--class-cond", action=argparse.BooleanOptionalAction, default=None,
-      help="class-conditional (default: on for extract_latents.py folders with classes, off otherwise, as the "
-           "papers' CIFAR-10)")
-    a("--vae", default=None, help="latents: the SD-VAE that decodes grids and FID samples (default: the one in "
-                                  "the latents' meta.json)")
-    a("--class-dropout", type=float, default=0.1, help="label dropout probability for classifier-free guidance")
-    a("--learn-sigma", action=argparse.BooleanOptionalAction, default=None, help="learned variance, hybrid loss")
-    a("--schedule", default=None, choices=SCHEDULES,
-      help="default: the recipe's (linear; U-ViT latents: scaled_linear; GenViT: cosine)")
-    a("--prediction", default="eps", choices=PREDICTIONS, help="ddpm: what the network predicts")
-    a("--fixed-variance", default=None, choices=["large", "small"],
-      help="ddpm without --learn-sigma: sampling variance beta_t (large) or the posterior's (small, GenViT)")
-    a("--loss-type", default=None, choices=LOSS_TYPES, help="squared (l2) or absolute (l1, GenViT) error; "
-                                                            "default: the recipe's")
-    a("--formulation", default=None, choices=FORMULATIONS,
-      help="ddpm (discrete DDPM), edm (Karras et al. 2022) or flow (linear flow matching); default: the recipe's")
-    for flag, typ in [("--steps", int), ("--batch-size", int), ("--lr", float), ("--weight-decay", float),
-                      ("--warmup", int), ("--grad-clip", float), ("--ema-decay", float)]:
-        a(flag, type=typ, default=None, help="default: the backbone's recipe")
-    a("--betas", type=float, nargs=2, default=None, help="AdamW betas (default: the recipe's)")
-    a("--lr-schedule", default=None, choices=["constant", "cosine"],
-      help="after the linear warm-up: constant (DiT, U-ViT) or cosine decay to --min-lr (GenViT)")
-    a("--min-lr", type=float, default=None, help="cosine schedule: the first and last LR (GenViT: 1e-6)")
-    a("--hybvit", action="store_true", help="genvit: HybViT's joint objective, --px-weight x diffusion loss + "
-                                             "--ce-weight x cross-entropy of the classifier on another batch")
-    a("--px-weight", type=float, default=100.0, help="HybViT: weight of the diffusion loss (paper: 100)")
-    a("--ce-weight", type=float, default=1.0, help="HybViT: weight of the cross-entropy (paper: 1)")
-    a("--label-smoothing", type=float, default=0.1, help="HybViT: label smoothing of the cross-entropy")
-    a("--seed", type=int, default=0)
-    a("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-      help="default: bf16 on GPUs with it, else fp32 (on a CPU bf16 pays off only with AMX)")
-    a("--device", default=None, help="default: cuda if available, else cpu")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--grad-checkpoint", action="store_true", help="recompute block activations in backward (saves memory)")
-    a("--attention", default="sdpa", choices=["sdpa", "math"])
-    a("--out-dir", default=None, help="default: runs/<backbone>-<model>-<dataset>")
-    a("--resume", default="auto", help="auto (latest.pt in --out-dir if any), never, or a checkpoint path")
-    a("--log-every", type=int, default=100)
-    a("--sample-every", type=int, default=5000, help="0 = no sample grids")
-    a("--sampler", default=None, help="sampler for grids and FID: ddpm / ddim / dpm++2m (ddpm), heun / euler (edm), "
-                                      "euler / heun / sde (flow); default: the recipe's")
-    a("--sample-steps", type=int, default=None, help="default: the recipe's, else the sampler's usual count")
-    a("--ckpt-every", type=int, default=5000)
-    a("--keep-every", type=int, default=None,
-      help="also keep ckpt_XXXXXXX.pt every this many steps (0 = never; default 10 x --ckpt-every)")
-    a("--fid-every", type=int, default=0, help="FID of the EMA model every this many steps (0 = never)")
-    a("--fid-samples", type=int, default=10_000, help="samples per FID (U-ViT selects checkpoints by FID-10k)")
-    a("--fid-ref", default="cifar10-train", help="cifar10-train, cifar10-test or a stats .npz (mu, sigma)")
-    try:  # flags left unset take the backbone's recipe (recipes.py)
+    for flag, kwargs in FLAGS.items():
+        p.add_argument(flag, **kwargs)
+    try:
         args = resolve(p.parse_args(argv))
     except RunError as e:
         p.error(str(e))
-    for ok, msg in [
+    for ok, msg in [  # in this order: the first failing check is reported
             (args.batch_size >= 1, "--batch-size must be >= 1"), (args.steps >= 0, "--steps must be >= 0"),
             (args.lr > 0 and math.isfinite(args.lr), "--lr must be a finite number > 0"),
             (all(0 <= b < 1 for b in args.betas), "--betas must both lie in [0, 1), e.g. --betas 0.9 0.999"),
@@ -139,9 +155,8 @@ def parse_args(argv=None):
             (min(args.sample_every, args.keep_every, args.fid_every) >= 0,
              "--sample-every, --keep-every and --fid-every must be >= 0"),
             (args.fid_samples >= 2, "--fid-samples must be >= 2"),
-            (args.keep_every % args.ckpt_every == 0,
-             f"--keep-every {args.keep_every} must be a multiple of --ckpt-every {args.ckpt_every} (kept "
-             "checkpoints are copies of a checkpoint step)"),
+            (args.keep_every % args.ckpt_every == 0, f"--keep-every {args.keep_every} must be a multiple of "
+             f"--ckpt-every {args.ckpt_every} (kept checkpoints are copies of a checkpoint step)"),
             (1 <= args.sample_steps <= 1000, "--sample-steps must be in 1..1000")]:
         if not ok:
             p.error(msg)
@@ -158,21 +173,19 @@ def default_out_dir(args):
 
 
 def load_data(args):
-    """-> (args with what the data decide, uint8 images or float latents (N, C, H, W), int64 labels (N,) or None,
-    class names). The data decide: latents' size and no flips (folders hold both flips' latents, picked per
-    sample), class-conditional by default for extract_latents.py folders with classes (ImageNet latents)."""
+    """-> (args completed by the data, uint8 images or float latents (N, C, H, W), int64 labels (N,) or None, class
+    names). Latents fix the size and flips; extract_latents.py folders with classes are class-conditional."""
     x, y, names = load_dataset(args.dataset, args.data_dir, args.image_size, args.cifar_url)
     latents = {"image_size": x.shape[-1], "flip": False} if args.dataset == "latents" else {}
     class_cond = isinstance(x, LatentFolder) and bool(names) if args.class_cond is None else args.class_cond
     args = argparse.Namespace(**{**vars(args), **latents, "class_cond": class_cond})
-    for flag, on in (("--class-cond", args.class_cond), ("--hybvit", args.hybvit)):
-        if on and not names:
-            raise RunError(f"{flag} needs labels: one sub-folder per class in {args.data_dir} "
-                           "(or labels in the latents file)")
+    labelled = args.class_cond or args.hybvit
+    if labelled and not names:
+        raise RunError(f"{'--class-cond' if args.class_cond else '--hybvit'} needs labels: one sub-folder per class "
+                       f"in {args.data_dir} (or labels in the latents file)")
     kind = "memory-mapped moments" if isinstance(x, LatentFolder) else x.dtype
-    classes = len(names) if args.class_cond or args.hybvit else "no"
-    print(f"data: {args.dataset} {tuple(x.shape)} {kind}, {classes} classes")
-    return args, x, (y if args.class_cond or args.hybvit else None), names
+    print(f"data: {args.dataset} {tuple(x.shape)} {kind}, {len(names) if labelled else 'no'} classes")
+    return args, x, (y if labelled else None), names
 
 
 # ----- Setup: everything checked and built before anything is written -----
@@ -184,19 +197,14 @@ def setup(args, procs=None, device=None):
     check_dir(out_dir, "--out-dir")  # before any download or model build
     if procs is None:
         procs, device = start_processes(args.device)
-    if args.batch_size % procs.world:
-        raise RunError(f"--batch-size {args.batch_size} (the global batch) must be divisible by the {procs.world} "
-                       "processes")
-    if args.hybvit and procs.world > 1:
-        raise RunError("--hybvit runs in one process (its classifier pass is outside DDP's forward); drop torchrun")
+    if procs.world > 1:
+        check_processes(args, procs)
     args = argparse.Namespace(**{**vars(args), "precision": args.precision or default_precision(device)})
     check_precision(args.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 (DiT train.py)
-    if device.type == "cpu" and args.model == paper_recipe(args.backbone, args.dataset)["model"] \
-            and args.steps >= 100_000:
-        print(f"note: {args.model} for {args.steps:,} steps at batch {args.batch_size} is the paper's GPU recipe "
-              f"and would run for months on a CPU. A CPU-sized run (about 30 min on 2 cores):\n  {CPU_COMMAND}")
+    if device.type == "cpu" and args.steps >= 100_000:
+        note_cpu_recipe(args)
     ckpt_path = resume_path(args.resume, out_dir)
     ckpt = load_checkpoint(ckpt_path, resume=True) if ckpt_path else None  # before any download or decoding
     torch.manual_seed(args.seed)
@@ -207,20 +215,16 @@ def setup(args, procs=None, device=None):
     meta = {"dataset": args.dataset, "image_size": args.image_size, "channels": x.shape[1],
             "num_classes": num_classes, "class_names": names if args.class_cond else [],
             "pixels": args.dataset != "latents"}
-    if isinstance(x, LatentFolder):  # what decodes the samples (sample.py reads it too)
-        meta.update(vae=args.vae or x.meta.get("vae"), pixel_size=x.meta["image_size"])
-    elif args.dataset == "latents":
-        meta.update(vae=args.vae)
+    if args.dataset == "latents":
+        meta.update(latent_meta(args, x))
     head = len(names) if args.backbone == "genvit" else num_classes  # GenViT: its classifier head's classes
     kwargs = {"input_size": args.image_size, "in_channels": x.shape[1], "num_classes": head,
               "class_dropout_prob": args.class_dropout if args.class_cond else 0.0, "learn_sigma": args.learn_sigma,
               **args.model_arg}
     model = build_model(args.backbone, args.model, attention=args.attention, grad_checkpoint=args.grad_checkpoint,
                         **kwargs)
-    if (model.in_channels, model.input_size) != (x.shape[1], x.shape[-1]):  # e.g. a --model-arg override
-        raise RunError(f"the data are {x.shape[1]} x {x.shape[-1]} x {x.shape[-1]} but {args.model} was built "
-                       f"for {model.in_channels} x {model.input_size} x {model.input_size}; drop the in_channels / "
-                       "input_size override (they follow the data)")
+    if args.model_arg:  # only an override can make the model disagree with the data
+        check_geometry(model, x, args.model)
     recorded = {"formulation": args.formulation, "loss_type": args.loss_type}  # what make_diffusion rebuilds it from
     if args.formulation == "ddpm":
         recorded.update(schedule=args.schedule, timesteps=1000, prediction=args.prediction,
@@ -230,11 +234,7 @@ def setup(args, procs=None, device=None):
               "diffusion": recorded}
     if ckpt is not None:
         check_compatible(ckpt, config, ckpt_path)
-    decode = None
-    if not meta["pixels"] and meta.get("vae"):
-        decode, _ = latent_decoder(meta["vae"], meta["channels"], meta["image_size"], device)
-    elif not meta["pixels"] and args.sample_every:
-        print("note: no VAE is known for these latents (--vae), so no sample grids are drawn")
+    decode = None if meta["pixels"] else latent_decode(args, meta, device)
     fid_score = fid_evaluator(args, meta, diffusion, device, decode, procs) if args.fid_every else None
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # the EMA starts as a copy (DiT train.py)
@@ -250,13 +250,49 @@ def setup(args, procs=None, device=None):
     return run, batches, fid_score, hybvit
 
 
+def check_processes(args, procs):
+    """torchrun: the global batch splits evenly; HybViT's classifier pass stays in one process."""
+    if args.batch_size % procs.world:
+        raise RunError(f"--batch-size {args.batch_size} (the global batch) must be divisible by the {procs.world} "
+                       "processes")
+    if args.hybvit:
+        raise RunError("--hybvit runs in one process (its classifier pass is outside DDP's forward); drop torchrun")
+
+
+def note_cpu_recipe(args):
+    if args.model == paper_recipe(args.backbone, args.dataset)["model"]:
+        print(f"note: {args.model} for {args.steps:,} steps at batch {args.batch_size} is the paper's GPU recipe "
+              f"and would run for months on a CPU. A CPU-sized run (about 30 min on 2 cores):\n  {CPU_COMMAND}")
+
+
+def check_geometry(model, x, name):
+    if (model.in_channels, model.input_size) != (x.shape[1], x.shape[-1]):  # e.g. a --model-arg override
+        raise RunError(f"the data are {x.shape[1]} x {x.shape[-1]} x {x.shape[-1]} but {name} was built "
+                       f"for {model.in_channels} x {model.input_size} x {model.input_size}; drop the in_channels / "
+                       "input_size override (they follow the data)")
+
+
+def latent_meta(args, x):
+    """What decodes the latents' samples (sample.py reads it too): the VAE, and a latent folder's pixel size."""
+    if isinstance(x, LatentFolder):
+        return {"vae": args.vae or x.meta.get("vae"), "pixel_size": x.meta["image_size"]}
+    return {"vae": args.vae}
+
+
+def latent_decode(args, meta, device):
+    """Latents: the VAE decoder for grids and FID, or None (with a note) when no VAE is known."""
+    if meta.get("vae"):
+        return latent_decoder(meta["vae"], meta["channels"], meta["image_size"], device)[0]
+    if args.sample_every:
+        print("note: no VAE is known for these latents (--vae), so no sample grids are drawn")
+    return None
+
+
 # ----- Training -----
 
 def train(run, batches, fid_score=None, hybvit=None):
-    """The training loop, DDPM Alg. 1 with AdamW and an EMA: per step a batch, its t and noise, the loss, one
-    optimizer step, the EMA update; every --log-every steps a log record, every --sample-every a grid (and FID
-    every --fid-every), every --ckpt-every a checkpoint. Under torchrun every process trains on its part of each
-    global batch. Ctrl-C / SIGTERM stop after the step with a checkpoint: returns False then."""
+    """The loop, DDPM Alg. 1 with AdamW and an EMA; log records, grids, FID and checkpoints when due; under torchrun
+    each process trains its part of every global batch. A signal stops it after a checkpoint: returns False then."""
     args, model, procs = run.args, run.model, run.procs
     net = procs.wrap(model, run.device, find_unused_parameters=args.backbone == "genvit")  # GenViT's classifier
     fwd = autocast_forward(torch.compile(net) if args.compile else net, run.device, args.precision)
@@ -264,7 +300,8 @@ def train(run, batches, fid_score=None, hybvit=None):
     keys = ["loss", "mse"] + ["vb"] * run.diffusion.learn_sigma + ["l1"] * (args.loss_type == "l1")
     dropout = args.class_dropout if args.class_cond else 0.0  # label dropout for classifier-free guidance
     model.train()
-    with TrainLog(run, keys + (HybViT.KEYS if hybvit else [])) as log, StopOnSignal() as stop:
+    log = TrainLog(run, keys + (HybViT.KEYS if hybvit else []))
+    with log.bar, StopOnSignal() as stop:  # the progress bar closes on the way out
         stopping = False
         while run.step < args.steps and not stopping:
             lr = learning_rate(args, run.step)
@@ -282,7 +319,7 @@ def train(run, batches, fid_score=None, hybvit=None):
             stopping = procs.any(stop.signum is not None)  # a signal on any process stops all after this step
             if run.step % args.log_every == 0 or run.step == args.steps or stopping:
                 log.write(lr)
-            if not stopping:
+            if not stopping and (args.sample_every or fid_score):
                 evaluate(run, log, stop, fid_score)  # the grid / FID when due; a stop request abandons them
             if hybvit:
                 hybvit.evaluate(run, log)  # test accuracy at checkpoint steps
@@ -303,8 +340,6 @@ def main(argv=None):
     procs = None
     try:
         procs, device = start_processes(args.device)
-        if not procs.main:  # under torchrun one process reports; the others' errors still reach stderr
-            sys.stdout = open(os.devnull, "w")
         run, batches, fid_score, hybvit = setup(args, procs, device)
         if procs.main:  # the folder, config.json; then every process trains
             prepare_folder(run.out_dir)

@@ -8,15 +8,19 @@ import torch
 
 
 def learning_rate(args, step):
-    """LR of the optimizer step `step` (0-based). constant: linear warm-up to --lr, then --lr (DiT, U-ViT). cosine:
-    GenViT's utils/scheduler.py per step, warm-up from --min-lr to --lr over --warmup steps, then a half cosine
-    back to --min-lr at --steps."""
+    """LR of the optimizer step `step` (0-based): linear warm-up to --lr, then constant (DiT, U-ViT) or cosine."""
     if args.lr_schedule == "cosine":
-        if step < args.warmup:
-            return args.min_lr + (args.lr - args.min_lr) * step / args.warmup
-        frac = min((step - args.warmup) / max(args.steps - args.warmup, 1), 1.0)
-        return args.min_lr + (args.lr - args.min_lr) * (1 + math.cos(math.pi * frac)) / 2
+        return cosine_lr(args, step)
     return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+
+
+def cosine_lr(args, step):
+    """GenViT's utils/scheduler.py per step: warm-up from --min-lr to --lr over --warmup steps, then a half cosine
+    back to --min-lr at --steps."""
+    if step < args.warmup:
+        return args.min_lr + (args.lr - args.min_lr) * step / args.warmup
+    frac = min((step - args.warmup) / max(args.steps - args.warmup, 1), 1.0)
+    return args.min_lr + (args.lr - args.min_lr) * (1 + math.cos(math.pi * frac)) / 2
 
 
 @dataclass
@@ -44,9 +48,8 @@ def step_draws(diffusion, step, seed, shape, part, device, label_dropout=0.0, la
 
 def train_step(fwd, diffusion, opt, scaler, params, x, y=None, grad_clip=0.0, joint=None, t=None, noise=None,
                drop=None):
-    """One optimizer step on the diffusion loss (DDPM Alg. 1; the hybrid loss with learned sigma); returns (loss
-    terms, grad norm before clipping). t, noise, drop (label-dropout mask) fix the step's randomness (else the
-    diffusion and the model draw them). joint(loss, terms) -> loss adds a second objective (HybViT's, hybvit.py)."""
+    """One optimizer step on the diffusion loss (DDPM Alg. 1) -> (loss terms, grad norm before clipping). t, noise,
+    drop fix the step's randomness; joint(loss, terms) -> loss adds a second objective (HybViT's, hybvit.py)."""
     kwargs = {} if y is None else {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
     terms = diffusion.training_losses(fwd, x, t, noise, model_kwargs=kwargs or None)
     loss = terms["loss"].mean()

@@ -1,7 +1,8 @@
 """
-extract_latents.py: ADM preprocessing, the latents-v1 format (shapes, labels, meta, the flip slot, moments equal to
-vae.encode), exact resume after a SIGKILL and after a broken image, and one-line refusals of bad input. A tiny
-random-init AutoencoderKL (2x downsampling) on 8x8 images keeps it fast on the CPU.
+extract_latents.py: the latents-v1 format (shapes, labels, meta, the flip slot, moments equal to vae.encode of the
+preprocessed images), exact resume after a SIGKILL and after a broken image, and one-line refusals of bad input. A
+tiny random-init AutoencoderKL (2x downsampling) on 8x8 images keeps it fast on the CPU. (The preprocessing,
+data.center_crop_resize: test_data.py.)
 """
 import hashlib
 import json
@@ -87,24 +88,6 @@ def reference_moments(vae_path, files, size):
     with torch.no_grad():
         out = [torch.cat(model.encode(v), 1) for v in (x, x.flip(3))]
     return torch.stack(out, 1).numpy()
-
-
-# ----- Preprocessing -----
-
-def test_center_crop_resize_box_halving_and_crop_by_hand():
-    """8x4 RGB with R = 30x + 10y, G = 200 - 20x, B = 7 -> size 2: the short side 4 >= 2*2, so one BOX halving to
-    4x2 (each pixel the mean of a 2x2 block: R = 60bx + 20by + 20, G = 190 - 40bx), no resize (scale 1), then the
-    centre crop keeps columns 1..2."""
-    x, y = np.arange(8)[None, :], np.arange(4)[:, None]
-    a = np.zeros((4, 8, 3), np.uint8)
-    a[..., 0], a[..., 1], a[..., 2] = 30 * x + 10 * y, 200 - 20 * x + 0 * y, 7
-    out = center_crop_resize(Image.fromarray(a), 2)
-    expected = np.array([[[80, 140], [100, 160]], [[150, 110], [150, 110]], [[7, 7], [7, 7]]], np.uint8)
-    assert out.dtype == torch.uint8 and out.shape == (3, 2, 2)
-    np.testing.assert_array_equal(out.numpy(), expected)
-    # a grey 3x5 image (no halving: 3 < 4) is made RGB and stays constant through BICUBIC and the crop
-    out = center_crop_resize(Image.new("L", (3, 5), 77), 2)
-    assert out.shape == (3, 2, 2) and (out == 77).all()
 
 
 # ----- The format -----

@@ -1,9 +1,9 @@
 """
-torchrun on CPUs (gloo, 2 processes): a run gives the same losses and weights for 1 and 2 processes at the same global
-batch (class-conditional DiT with learned sigma: timesteps, noise, flips and label dropout all drawn per step for the
-global batch), resumes under torchrun, and sharded sampling writes the same npz, in the same order, as one process.
+devices.py's processes under torchrun on CPUs (gloo, 2 processes): a run gives the same losses and weights for 1 and
+2 processes at the same global batch (class-conditional DiT with learned sigma: timesteps, noise, flips and label
+dropout all drawn per step for the global batch), resumes under torchrun, and sharded sampling writes the same npz,
+in the same order, as one process; a global batch that the processes cannot share is refused.
 """
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train import TINY, archive, cifar_dir  # noqa: F401  (module-scoped fixtures: a tiny CIFAR-10 archive)
+from conftest import TINY, read_log
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -28,17 +28,12 @@ def launch(script, args, nproc, timeout=240):
     return p.returncode, p.stdout + p.stderr
 
 
-def log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def train_args(out_dir, data_dir, steps):
     return TINY + ["--class-cond", "--data-dir", data_dir, "--out-dir", out_dir, "--steps", steps,
                    "--ckpt-every", 3, "--device", "cpu"]
 
 
-def test_two_processes_equal_one_and_resume(tmp_path, cifar_dir):  # noqa: F811
+def test_two_processes_equal_one_and_resume(tmp_path, cifar_dir):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     rc, text = launch("train_cifar.py", train_args(one, cifar_dir, 6), 1)
     assert rc == 0, text[-2000:]
@@ -46,7 +41,7 @@ def test_two_processes_equal_one_and_resume(tmp_path, cifar_dir):  # noqa: F811
     assert rc == 0, text[-2000:]
     rc, text = launch("train_cifar.py", train_args(two, cifar_dir, 6), 2)
     assert rc == 0 and "resumed from" in text, text[-2000:]
-    a, b = log(one), log(two)
+    a, b = read_log(one), read_log(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
     for key in ("loss", "mse", "vb", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-4, atol=1e-6, err_msg=key)
@@ -58,7 +53,7 @@ def test_two_processes_equal_one_and_resume(tmp_path, cifar_dir):  # noqa: F811
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # one writer: the same files, no per-rank debris
 
 
-def test_sharded_sampling_equals_one_process(tmp_path, cifar_dir):  # noqa: F811
+def test_sharded_sampling_equals_one_process(tmp_path, cifar_dir):
     run = str(tmp_path / "run")
     rc, text = launch("train_cifar.py", train_args(run, cifar_dir, 2), 1)
     assert rc == 0, text[-2000:]
@@ -75,7 +70,7 @@ def test_sharded_sampling_equals_one_process(tmp_path, cifar_dir):  # noqa: F811
     assert np.array_equal(outs[0]["arr_0"], outs[1]["arr_0"]) and np.array_equal(outs[0]["arr_1"], outs[1]["arr_1"])
 
 
-def test_global_batch_must_divide(tmp_path, cifar_dir):  # noqa: F811
+def test_global_batch_must_divide(tmp_path, cifar_dir):
     args = train_args(str(tmp_path / "odd"), cifar_dir, 2)
     args[args.index("--batch-size") + 1] = "3"
     rc, text = launch("train_cifar.py", args, 2)
