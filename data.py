@@ -7,6 +7,7 @@ index on the device with no DataLoader.
   load_image_folder(root, image_size)               -> (uint8 (N, 3, S, S), int64 (N,), class names)
   load_latents(path)                                -> (float (N, C, H, W), int64 (N,) or None)
   LatentFolder(folder), LatentBatches(store, device) an extract_latents.py output, memory-mapped, and its batches
+  latents_provenance(path, x), check_vae_fits(...)  what latents are and what made them; a decoding VAE checked
   load_dataset(name, data_dir, image_size)          -> one of the above as (x, labels or None, class names)
   BatchIndices(n, batch_size, seed)(step)           -> (batch_size,) int64 indices for that step
   get_batch(data, labels, indices, flip)            -> (float batch in [-1, 1], labels or None)
@@ -17,6 +18,7 @@ CIFAR-10 file facts (URL, size, md5, pickle layout): https://www.cs.toronto.edu/
 import functools
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -29,7 +31,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from checkpoints import code_refusal, load_reason
+from devices import memory_size
 from errors import RunError
+from files import sha256_of, size
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"      # 170,498,071 bytes
@@ -211,6 +216,10 @@ def load_image_folder(root, image_size):
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}; use a folder with one "
                         "sub-folder of images per class, or a flat folder of images")
+    need = len(files) * 3 * image_size ** 2
+    if need > memory_size():  # checked before it is allocated (or OOM-killed)
+        raise DataError(f"{len(files):,} images of {image_size}x{image_size} need {size(need)} of memory, more than "
+                        f"this machine's {size(memory_size())}; lower --image-size")
     x = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
     for i, (f, _) in enumerate(tqdm(files, desc=f"load {root}", disable=len(files) < 1000)):
         try:
@@ -233,17 +242,68 @@ def load_latents(path):
         else:
             d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"cannot read latents {path} ({type(e).__name__}: {e}); pass a .npz or .pt file") from None
+        raise code_refusal(path, e, "save the latents as tensors only (a dict of 'latents' and 'labels') or as .npz") \
+            or DataError(f"cannot read latents {path} ({load_reason(e)}); pass a .npz or .pt file") from None
     z = d.get("latents", d.get("arr_0")) if isinstance(d, dict) else None
     y = d.get("labels", d.get("arr_1")) if isinstance(d, dict) else None
-    if z is None or z.ndim != 4 or not z.is_floating_point():
+    if not torch.is_tensor(z) or z.ndim != 4 or not z.is_floating_point():  # bool, int8, complex: refused
         raise DataError(f"{path} needs a float array 'latents' (or 'arr_0') of shape (N, C, H, W)")
     if z.shape[-1] != z.shape[-2] or len(z) == 0:
         raise DataError(f"{path}: latents {tuple(z.shape)} must be (N >= 1, C, S, S), square like the backbones' "
                         "input_size; extract them from square (center-cropped) images")
-    if y is not None and (y.shape != (len(z),)):
-        raise DataError(f"{path}: labels must have shape ({len(z)},), got {tuple(y.shape)}")
+    if y is not None and (not torch.is_tensor(y) or y.shape != (len(z),)):
+        raise DataError(f"{path}: labels must have shape ({len(z)},), got {tuple(getattr(y, 'shape', ()))}")
+    if y is not None and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or int(y.min()) < 0):
+        raise DataError(f"{path}: labels must be integers >= 0 (class indices), got {y.dtype} from {y.min().item()}")
+    if not torch.isfinite(z).all():
+        raise DataError(f"{path}: the latents hold NaN or inf values; extract them again")
     return z.float(), None if y is None else y.long()
+
+
+def latents_provenance(path, x):
+    """What a latent run records of its data (train_cifar.py refuses a resume on others): 'latents', an identity by
+    content (sha256 of the file; of meta.json and the first MiB of latents.npy for a folder), and for a folder the
+    VAE that made them ('latents_vae': its sha256, or its path for folders extracted before hashes were recorded)
+    and the 'scaling_factor' they are multiplied by."""
+    if not isinstance(x, LatentFolder):
+        return {"latents": sha256_of([path])[:16]}
+    files = [os.path.join(path, "meta.json"), (os.path.join(path, "latents.npy"), 1 << 20)]
+    return {"latents": sha256_of(files)[:16], "latents_vae": x.meta.get("vae_sha256") or x.meta.get("vae"),
+            "scaling_factor": x.scaling_factor}
+
+
+def check_vae_fits(autoencoder, vae_path, latents, latent_size):
+    """The decoding VAE against what made the latents (a latent run's pixel_size, scaling_factor, latents_vae: an
+    absent entry is unknown): another downsampling is refused; another VAE or scaling factor is noted."""
+    f, pixels, scale = autoencoder.downsample_factor, latents.get("pixel_size"), latents.get("scaling_factor")
+    if pixels and pixels != latent_size * f:
+        raise RunError(f"the VAE {vae_path} downsamples {f}x ({latent_size}px latents -> {latent_size * f}px images) "
+                       f"but the latents were made from {pixels}px images; pass the VAE that made them (--vae)")
+    maker = latents.get("latents_vae")
+    if maker and maker not in (autoencoder.sha256, os.path.abspath(vae_path)):
+        print(f"note: decoding with the VAE {vae_path} (sha256 {autoencoder.sha256[:12]}), not the one that made the "
+              f"latents ({maker[:12] if len(maker) == 64 else maker}): right for a decoder fine-tune of the same "
+              "encoder, wrong otherwise")
+    if scale is not None and scale != autoencoder.scaling_factor:
+        print(f"note: the latents were scaled by {scale} but the VAE {vae_path} divides by its scaling_factor "
+              f"{autoencoder.scaling_factor}")
+
+
+def check_meta(meta, meta_path):
+    """The entries of an extract_latents.py meta.json that training reads, each of the right kind."""
+    need = ("count", "latent_channels", "latent_size", "class_names", "scaling_factor", "image_size")
+    missing = [k for k in need if k not in meta]
+    if missing:
+        raise DataError(f"{meta_path} lacks {missing}; extract the latents again")
+    bad = [f"{k} {meta[k]!r} (an integer >= 1)" for k in need if k not in ("class_names", "scaling_factor")
+           and (type(meta[k]) is not int or meta[k] < 1)]
+    names, scale = meta["class_names"], meta["scaling_factor"]
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        bad.append(f"class_names {str(names)[:40]} (a list of names)")
+    if not (type(scale) in (int, float) and math.isfinite(scale) and scale > 0):
+        bad.append(f"scaling_factor {scale!r} (a finite number > 0)")
+    if bad:
+        raise DataError(f"{meta_path}: {'; '.join(bad)}; extract the latents again")
 
 
 class LatentFolder:
@@ -272,15 +332,18 @@ class LatentFolder:
             labels = np.load(os.path.join(folder, "labels.npy"))
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read the arrays in {folder} ({e}); extract the latents again") from None
-        need = ("count", "latent_channels", "latent_size", "class_names", "scaling_factor", "image_size")
-        missing = [k for k in need if k not in meta]
-        if missing:
-            raise DataError(f"{meta_path} lacks {missing}; extract the latents again")
-        n, c = meta["count"], meta["latent_channels"]
+        check_meta(meta, meta_path)
+        n, c, names = meta["count"], meta["latent_channels"], meta["class_names"]
         want = (n, 2, 2 * c, meta["latent_size"], meta["latent_size"])
         if self.moments.shape != want or labels.shape != (n,):
             raise DataError(f"{folder}: latents {self.moments.shape} / labels {labels.shape} do not match meta.json "
                             f"({want}); extract the latents again")
+        if self.moments.dtype.kind != "f" or labels.dtype.kind not in "iu":  # bool, int8, complex moments: refused
+            raise DataError(f"{folder}: latents.npy holds {self.moments.dtype} (float16 or float32 expected) and "
+                            f"labels.npy {labels.dtype} (integers expected); extract the latents again")
+        if labels.min() < 0 or labels.max() >= max(len(names), 1):  # else a label could become the null label
+            raise DataError(f"{folder}: labels.npy holds labels {labels.min()}..{labels.max()} but meta.json names "
+                            f"{len(names)} classes; extract the latents again")
         self.meta, self.labels, self.class_names = meta, torch.from_numpy(labels.astype(np.int64)), meta["class_names"]
         self.channels, self.size, self.scaling_factor = c, meta["latent_size"], float(meta["scaling_factor"])
 

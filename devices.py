@@ -1,12 +1,17 @@
-"""Devices, precision and processes: --device / --precision checked before any long work, autocast, and one
-process or one per GPU / CPU under torchrun (DDP)."""
+"""Devices, precision and processes: --device / --precision checked before any long work, autocast, one process or
+one per GPU / CPU under torchrun (DDP, workers that stop when their launcher dies), and memory: a batch measured
+before it is run, an out-of-memory error told in one line."""
 import datetime
 import os
+import signal
 import sys
+import threading
+import time
 
 import torch
 
-from errors import RunError
+from errors import RunError, first_line
+from files import size
 
 
 def resolve_device(name=None):
@@ -119,11 +124,90 @@ def join_torchrun(world, device):
     elif device.type != "cpu":
         raise RunError(f"torchrun runs on CUDA GPUs (NCCL) or CPUs (gloo), not {device.type}")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's worker: its parent is the launcher
+        stop_with_launcher(os.getppid())
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     host = torch.distributed.new_group(backend="gloo") if backend == "nccl" else torch.distributed.group.WORLD
     if rank != 0:  # one process reports
         sys.stdout = open(os.devnull, "w")
     return TorchrunProcesses(rank, world, host), device
+
+
+def stop_with_launcher(launcher, grace=60.0, poll=0.5):
+    """A watchdog thread: when torchrun (the parent) dies, e.g. by kill -9, this worker gets SIGTERM (train_cifar.py
+    then stops after the step with a checkpoint, as on Ctrl-C) and exits after `grace` seconds at the latest, so no
+    orphaned workers go on writing the run folder (their rerun would be a second writer)."""
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(1)
+    threading.Thread(target=watch, name="stop-with-launcher", daemon=True).start()
+
+
+# ----- Memory -----
+
+def memory_size():
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_free(device):
+    """Bytes free for a run on device: the GPU's free memory, or the host's available memory (MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def activation_bytes(model, sample_shape):
+    """Bytes that autograd keeps for the backward pass per sample, measured by forward passes of 1 and 2 samples on
+    the meta device (nothing allocated, nothing computed); None where a model cannot run there."""
+    weights = {k: torch.empty_like(v, device="meta").requires_grad_(v.requires_grad)
+               for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    sizes = []
+    for b in (1, 2):
+        saved = {}  # storage -> bytes: a tensor saved by several ops (or its views) counts once
+
+        def pack(t):
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+        x, t = torch.zeros(b, *sample_shape, device="meta"), torch.zeros(b, device="meta")
+        kw = {"y": torch.zeros(b, dtype=torch.long, device="meta")} if getattr(model, "class_cond", False) else {}
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                torch.func.functional_call(model, weights, (x, t), kw)
+        except Exception:  # an op without a meta kernel: no estimate
+            return None
+        sizes.append(sum(saved.values()))
+    return sizes[1] - sizes[0]
+
+
+def check_batch_memory(model, batch_shape, device, precision):
+    """A batch whose activations clearly exceed the free memory (twice over: the estimate is rough) is refused before
+    the run starts; on a CPU the kernel's OOM killer would end it without a word. bf16 / fp16 keep about half."""
+    per_sample = activation_bytes(model, batch_shape[1:])
+    need = (per_sample or 0) * batch_shape[0] * (1.0 if precision == "fp32" else 0.5)
+    free = memory_free(device)
+    if need > 2 * free:
+        fits = max(1, int(batch_shape[0] * free / need))
+        raise RunError(f"a batch of {batch_shape[0]} needs about {size(need)} for activations but {device} has "
+                       f"{size(free)} free; lower --batch-size (about {fits} would fit) or add --grad-checkpoint")
+
+
+def out_of_memory(e, batch_size):
+    """The one-line exit message for an out-of-memory error (CUDA's OutOfMemoryError, the CPU allocator's
+    RuntimeError, MemoryError), else None."""
+    text = str(e)
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text \
+            or "out of memory" in text.lower():
+        return (f"error: out of memory at --batch-size {batch_size} ({first_line(e)[:120]}); lower --batch-size "
+                "or add --grad-checkpoint")
+    return None
 
 
 def default_precision(device):

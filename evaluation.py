@@ -1,6 +1,7 @@
 """What training evaluates along the way, with the EMA model: sample grids (samples/step_XXXXXXX_ema.png) and FID
-against reference statistics (fid.py), logged to log.jsonl."""
+against reference statistics (fid.py), logged to log.jsonl; both with a progress bar in sampler steps."""
 import os
+import re
 
 import torch
 from tqdm.auto import tqdm
@@ -10,7 +11,7 @@ from devices import autocast_forward
 from errors import RunError
 from images import save_grid, to_uint8
 from runs import Interrupted
-from sampling import generate
+from sampling import generate, ticking
 
 
 def evaluate(run, log, stop, fid_score=None):
@@ -42,15 +43,21 @@ def evaluate(run, log, stop, fid_score=None):
 
 @torch.no_grad()
 def sample_grid(fwd, run, path):
-    """EMA samples from fixed noise (same every time): 8x8, or one row of 8 per class (first 10 classes)."""
+    """EMA samples from fixed noise (same every time): 8x8, or one row of 8 per class (first 10 classes, guided by
+    --grid-cfg-scale where the model has a null label), with a progress bar over the sampler's network calls."""
     args, meta, device = run.args, run.meta, run.device
     n_cls = min(meta["num_classes"], 10)
     y = torch.arange(n_cls, device=device).repeat_interleave(8) if n_cls else None
     shape = (len(y) if n_cls else 64, meta["channels"], meta["image_size"], meta["image_size"])
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
-    x = run.diffusion.sample(fwd, shape, sampler=args.sampler, steps=args.sample_steps,
-                             model_kwargs={"y": y} if n_cls else None, noise=noise, device=device,
-                             generator=torch.Generator(device).manual_seed(args.seed), clip_denoised=run.decode is None)
+    guided = n_cls and run.ema.null_label is not None  # a model trained with label dropout
+    guide = {"cfg_scale": args.grid_cfg_scale, "null_label": run.ema.null_label} if guided else {}
+    with tqdm(total=run.diffusion.nfe(args.sampler, args.sample_steps), desc=f"grid at step {run.step}", unit="step",
+              leave=False) as bar:
+        x = run.diffusion.sample(ticking(fwd, bar), shape, sampler=args.sampler, steps=args.sample_steps,
+                                 model_kwargs={"y": y} if n_cls else None, noise=noise, device=device,
+                                 generator=torch.Generator(device).manual_seed(args.seed),
+                                 clip_denoised=run.decode is None, **guide)
     save_grid(to_uint8(x if run.decode is None else run.decode(x)), path, nrow=8)
 
 
@@ -64,16 +71,21 @@ def fid_evaluator(args, meta, diffusion, device, decode, procs=None):
     try:
         inception, ref = fid.fid_setup(args.fid_ref, args.data_dir, device)
     except RunError as e:
-        raise RunError(f"cannot compute FID against {args.fid_ref!r}: {e}") from None
+        raise RunError(f"cannot compute FID against {args.fid_ref!r}: {without_weights_flag(e)}") from None
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
 
     def score(fwd):  # unguided samples, uniform labels when class-conditional; (None, None) off the main rank
         batches = generate(fwd, diffusion, shape, args.fid_samples, min(2 * args.batch_size, 256),
                            num_classes=meta["num_classes"], sampler=args.sampler, steps=args.sample_steps,
-                           seed=args.seed, device=device, progress=False, decode=decode, procs=procs)
+                           seed=args.seed, device=device, decode=decode, procs=procs)  # a bar in sampler steps
         if procs is not None and not procs.main:
             for _ in batches:  # this rank's share of the sampling; the main process gathers and scores
                 pass
             return None, None
         return fid.fid_score((x for x, _ in batches), inception, ref, device, args.fid_samples)
     return score
+
+
+def without_weights_flag(message):
+    """fid.py's advice with its --weights flag, which train_cifar.py has not, left out ($FID_WEIGHTS does the same)."""
+    return re.sub(r"(pass )?--weights( PATH)? / (set )?", "set ", str(message)).replace("point set ", "point ")

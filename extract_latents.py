@@ -25,7 +25,9 @@ Output (--out folder; format "latents-v1"):
   labels.npy   int64 (N,).
   meta.json    {"format": "latents-v1", "complete", "count": N, "image_size", "latent_channels": C,
                "latent_size": h, "dtype", "stores": "moments", "flips": 2, "class_names", "vae" (absolute path),
-               "scaling_factor", "files_sha1" (sha1 of the newline-joined relative file list), "done"}.
+               "scaling_factor", "files_sha1" (sha1 of the newline-joined relative file list), "done",
+               "vae_sha256" (the VAE by content: sha256 of its config.json and weights), "downsample_factor"}.
+               Folders written before the last two existed read as "unknown": nothing is compared against them.
   C x h x w = 4 x 32 x 32 for the SD-VAE at 256: 32,768 bytes per image in float16 (ImageNet's 1,281,167 training
   images: 42.0 GB), 65,536 in float32.
 
@@ -35,7 +37,10 @@ stored so far; complete becomes true only after the last chunk is flushed. Rerun
 incomplete --out resumes at done and yields a byte-identical latents.npy: the VAE runs in eval mode in float32
 (TF32 off unless --tf32, deterministic cuDNN), batch i always covers images [i*B, (i+1)*B), and values are cast only
 when stored (use the same --batch-size and device to resume). Rerunning on a complete --out prints that it is
-complete and exits; an --out made from other files, image size, VAE or dtype is refused (pick a new --out).
+complete and exits; an --out made from other files, image size, VAE (another path, or other content at the same
+path) or dtype is refused (pick a new --out), and so is a second extraction while one runs there (a lock the OS drops
+when its holder dies). The disk space latents.npy needs is checked before anything is written, and its blocks are
+reserved before the memory map is written: a full disk is a one-line error, never a SIGBUS.
 An image that cannot be decoded stops the run with its path: skipping it would silently change N and the labels.
 The chunks before it stay resumable once the file is replaced with a readable image (removing it changes the file
 list, so a new --out is needed).
@@ -90,6 +95,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 
@@ -98,9 +104,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from devices import resolve_device
+from devices import memory_size, resolve_device
 from errors import RunError, first_line
-from files import atomic_write, check_dir, make_dir, remove_stale_temps
+from files import allocate, atomic_write, check_dir, check_free_space, locked, make_dir, remove_stale_temps, size
 from data import IMAGE_EXTENSIONS, _images_under, center_crop_resize
 from vae import load_vae
 
@@ -108,7 +114,8 @@ FORMAT = "latents-v1"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 # meta.json entries that must agree for a rerun to resume (or to count as already done)
 MATCH_KEYS = ("format", "count", "image_size", "latent_channels", "latent_size", "dtype", "stores", "flips",
-              "class_names", "vae", "scaling_factor", "files_sha1")
+              "class_names", "vae", "scaling_factor", "files_sha1", "vae_sha256", "downsample_factor")
+PROVENANCE_KEYS = ("vae_sha256", "downsample_factor")  # recorded since provenance: not compared in older folders
 
 
 # ----- The input: files and labels -----
@@ -227,6 +234,28 @@ def open_latents(path, shape, dtype, mode="r+"):
     return lat if lat.shape == tuple(shape) and lat.dtype == dtype else None
 
 
+def reserve(path):
+    """Reserve the disk blocks of the whole file (files.allocate), so writing its memory map never meets a full
+    disk (which a map reports as SIGBUS)."""
+    with open(path, "r+b") as fh:
+        allocate(fh.fileno(), os.path.getsize(path))
+
+
+def space_error(path, shape, np_dtype, e):
+    need = math.prod(shape) * np.dtype(np_dtype).itemsize
+    return RunError(f"cannot create {path} ({first_line(e)}); free disk space ({need:,} bytes needed) or choose "
+                    "another --out (what was extracted so far is kept)")
+
+
+def difference(key, old, new):
+    """How a rerun's settings differ from an extraction's meta.json, naming both sides."""
+    if key == "files_sha1":
+        return "the file list differs (files_sha1)"
+    if key == "vae_sha256":
+        return f"the VAE's content changed: sha256 {str(old)[:12]} when the extraction began, {new[:12]} now"
+    return f"{key} {old!r} != {new!r}"
+
+
 def sync(lat, path):
     """Everything written into the memmap is on disk when this returns."""
     lat.flush()
@@ -265,15 +294,15 @@ def extract(data_dir, image_size, vae, out, batch_size=64, device=None, workers=
     meta = {"format": FORMAT, "complete": False, "count": N, "image_size": image_size, "latent_channels": C,
             "latent_size": h, "dtype": dtype, "stores": "moments", "flips": 2, "class_names": classes,
             "vae": os.path.abspath(vae), "scaling_factor": model.scaling_factor, "files_sha1": files_sha1(rel),
-            "done": 0}
+            "vae_sha256": model.sha256, "downsample_factor": f, "done": 0}
     shape = (N, 2, 2 * C, h, h)
     lat_path, labels_path = os.path.join(out, "latents.npy"), os.path.join(out, "labels.npy")
 
     old = read_meta(out)
     start = 0
     if old is not None:
-        diffs = [f"{k} {old.get(k)!r} != {meta[k]!r}" if k != "files_sha1" else
-                 "the file list differs (files_sha1)" for k in MATCH_KEYS if old.get(k) != meta[k]]
+        diffs = [difference(k, old.get(k), meta[k]) for k in MATCH_KEYS
+                 if old.get(k) != meta[k] and (k in old or k not in PROVENANCE_KEYS)]
         if diffs:
             raise RunError(f"{out} holds an extraction with other settings ({'; '.join(diffs)[:300]}); rerun with "
                            "the settings it was made with to resume it, or pick a new --out")
@@ -286,22 +315,52 @@ def extract(data_dir, image_size, vae, out, batch_size=64, device=None, workers=
         done = old.get("done")
         start = min(done, N) // batch_size * batch_size if isinstance(done, int) and done > 0 else 0
 
+    if start == 0:  # sizes checked before anything is written: no sparse file or meta.json left by a full disk
+        check_sizes(out, shape, np_dtype, batch_size, image_size, labels)
     make_dir(out, "--out")
+    with locked(out, "--out"):  # one writer: a second extraction into --out is refused
+        return write_latents(out, meta, start, labels, model, paths, image_size, batch_size, device, workers,
+                             flush_every, tf32, progress)
+
+
+def check_sizes(out, shape, np_dtype, batch_size, image_size, labels):
+    """The disk space latents.npy needs (and a batch's memory), before anything is written."""
+    need = math.prod(shape) * np.dtype(np_dtype).itemsize
+    check_free_space(out, need + labels.nbytes + (1 << 16), f"--out {out} (latents {shape} {np.dtype(np_dtype)})")
+    batch = 2 * batch_size * 3 * image_size ** 2 * 4  # the images and their flips as float32
+    if batch > memory_size():
+        raise RunError(f"--image-size {image_size} at --batch-size {batch_size} needs {size(batch)} per batch, more "
+                       f"than this machine's {size(memory_size())} of memory; lower them")
+
+
+def write_latents(out, meta, start, labels, model, paths, image_size, batch_size, device, workers, flush_every,
+                  tf32, progress):
+    """extract()'s writing part, in the locked --out folder: latents.npy (its disk blocks reserved first: a full
+    disk is an error now, not a SIGBUS later), labels.npy and meta.json, flushed and recorded every chunk."""
+    N, C, h, dtype = meta["count"], meta["latent_channels"], meta["latent_size"], meta["dtype"]
+    shape, np_dtype = (N, 2, 2 * C, h, h), DTYPES[dtype]
+    lat_path, labels_path = os.path.join(out, "latents.npy"), os.path.join(out, "labels.npy")
     remove_stale_temps(out)
     lat = open_latents(lat_path, shape, np_dtype) if start > 0 else None
     if lat is None:
         if start > 0:
             print(f"{lat_path} is missing or has another shape: starting over")
+            check_sizes(out, shape, np_dtype, batch_size, image_size, labels)
         start = 0
         write_meta(out, meta)  # before the arrays: whatever is there from now on belongs to an incomplete run
         atomic_write(labels_path, lambda fh: np.save(fh, labels))
         try:
             lat = np.lib.format.open_memmap(lat_path, mode="w+", dtype=np_dtype, shape=shape)
+            reserve(lat_path)
         except OSError as e:
-            need = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
-            raise RunError(f"cannot create {lat_path} ({first_line(e)}); free disk space ({need:,} bytes needed) "
-                           "or choose another --out") from None
+            if os.path.exists(lat_path):  # an empty, sparse file: nothing of it is worth keeping
+                os.remove(lat_path)
+            raise space_error(lat_path, shape, np_dtype, e) from None
     else:
+        try:
+            reserve(lat_path)  # an older, sparse latents.npy: a full disk is an error now, not a SIGBUS later
+        except OSError as e:
+            raise space_error(lat_path, shape, np_dtype, e) from None
         atomic_write(labels_path, lambda fh: np.save(fh, labels))  # cheap; repairs a run killed before it
         print(f"resuming {out} at image {start:,} of {N:,}")
 

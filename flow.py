@@ -16,9 +16,11 @@ from formulations import (Formulation, bcast, check_loss_type, check_output, cla
 
 class FlowMatching(Formulation):
     """x_t = (1 - t) x0 + t eps,  t in [0, 1],  target v = dx_t/dt = eps - x0,  loss ||v_theta(x_t, t) - v||^2.
-    t = 0 is data, t = 1 noise (SiT paper, SD3; Lipman et al. and the SiT code reverse it), so network_t = 999 t
-    grows with the noise level as the DDPM index does: the backbones' time embeddings and time-dependent guidance
-    (power_cosine_guidance) apply unchanged. Sampling integrates dx/dt = v from t = 1 to t = 0.
+    t = 0 is data, t = 1 noise: the SiT paper's and SD3's convention. Lipman et al. and SiT's code run the other way
+    (willisma/SiT @ 947f95b transport/path.py:23-29: x_t = t x1 + (1 - t) x0, data x1 at t = 1) and feed the network
+    that raw t (transport.py:133): here t = 1 - t_SiT, v = -u_SiT, and network_t = 999 t grows with the noise level as
+    the DDPM index does, so the backbones' time embeddings and time-dependent guidance (power_cosine_guidance) apply
+    unchanged. Sampling integrates dx/dt = v from t = 1 to t = 0.
     t_sampling: training times 'uniform' U(0, 1) (SiT) or 'logit_normal' t = sigmoid(m + s n), n ~ N(0, 1)
     (SD3 §3.1, m = logit_mean, s = logit_std; SD3's best setting is m = 0, s = 1).
     Samplers over the uniform grid t_i = i / steps (BENCHMARKS.md, "How the flow samplers end", measures them):
@@ -26,8 +28,13 @@ class FlowMatching(Formulation):
       heun   euler_heun with the correction on every step: v is regular at t = 0 (v(x, 0) = -x)
       sde    SiT's Euler-Maruyama sampler of the reverse SDE with the same marginals (w_t = t),
              dx = [v - w_t s] dt + sqrt(2 w_t) dW, s = -E[eps | x_t] / t: x <- x - h (v + eps_hat) + sqrt(2 t h) z,
-             eps_hat = x + (1 - t) v; the last step, from 1/steps to 0, is the denoising step x0_hat = x - t v.
-    Default steps: euler 50 (SiT's ODE default), heun 25 (the same 50 evaluations), sde 250 (SiT's SDE default).
+             eps_hat = x + (1 - t) v; the last step, from 1/steps to 0, is the denoising step x0_hat = x - t v:
+             SiT's SDE with --last-step Tweedie --last-step-size 1/steps (its default, Mean 0.04, makes 249 steps
+             over [1, 0.04], then one noise-free drift step to 0: train_utils.py:29-32, transport.py:89-95, 260-263).
+    Default steps: euler 50, heun 25 (the same 50 evaluations), sde 250 (SiT's SDE default count, 250 evaluations).
+    SiT's --num-sampling-steps N counts grid points (integrators.py:23, 91), N - 1 fixed steps: our euler K is its
+    ODE --sampling-method euler --num-sampling-steps K + 1; its Sampler.sample_ode default num_steps=50
+    (transport.py:345) makes 49 Euler steps (our --steps 49), and its scripts default to adaptive dopri5.
     """
 
     formulation = "flow"

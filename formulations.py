@@ -151,6 +151,17 @@ def power_cosine_guidance(scale, power=4.0, timesteps=1000):
     return schedule
 
 
+GUIDANCE_SCHEDULES = ("constant", "power-cosine")
+
+
+def guidance_schedule(name, scale):
+    """cfg_scale of guidance strength `scale` under a GUIDANCE_SCHEDULES name: the float itself ('constant') or
+    power_cosine_guidance(scale) ('power-cosine'); strength 1 is no guidance under either."""
+    if name not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"unknown guidance schedule {name!r}; choose one of {GUIDANCE_SCHEDULES}")
+    return power_cosine_guidance(scale) if name == "power-cosine" and scale != 1 else float(scale)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The Euler / Heun integrator of EDM and flow matching
 # ----------------------------------------------------------------------------------------------------

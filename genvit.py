@@ -165,9 +165,14 @@ class GenViT(nn.Module):
     """GenViT denoiser (eps prediction) with HybViT's classifier head; the denoiser ignores class labels.
 
     num_classes is the size of the classifier head (0: no head). ffn_time applies the time modulation again before
-    each MLP. The paper's code parses --ffnt 1 as its default, but at the snapshot it never reaches the FFN
-    (models/vit.py compares `self.ffn_time is True` with the int 1, and an earlier version hard-codes False), so
-    the released weights were trained without it and ffn_time=False is the default that reproduces them.
+    each MLP. In sndnyang/Diffusion_ViT, models/vit.py hard-codes it off at 5b7556f, tests `self.ffn_time is True`
+    from 1bbecf0 to 2bc7e0d (on only for a bool), and its truth value from 93b3b44; gevit_main.py and eval_model.py
+    (from abed204) parse --ffnt as an int, default 1. So at 84a4cfe, the commit cited here, --ffnt 1 turns it on.
+    The default (also for official files) is False nonetheless: the released CIFAR-10 logs come from older code
+    (logs/CIFAR10_genvit_sampling_FID.log, 2022-07-24, lacks the "Use time embedding before FFN?" line models/vit.py
+    logs from 93b3b44 on, so it ran an `is True` or hard-coded test: off for the int --ffnt 1 that eval_model.py
+    parses; the HybViT training log, 2022-06-23, predates 5b7556f), and our checkpoints, whose model_kwargs record
+    ffn_time only when --model-arg set it, were trained with False. ffn_time=True is 84a4cfe's computation.
     learn_sigma doubles the output channels (DDPM's learned variance); the official model has none.
     class_dropout_prob is accepted for the shared training interface and must be 0 (no label conditioning)."""
 

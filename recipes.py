@@ -1,7 +1,9 @@
-"""Each paper's training recipe per backbone, on pixels (RECIPES) and on VAE latents (LATENT_RECIPES), as plain
-dicts: train_cifar.py's defaults (resolve), and what bench.py measures."""
+"""Each paper's training recipe per backbone, on pixels (RECIPES) and on VAE latents (LATENT_RECIPES), and a
+CPU-sized one (CPU_RECIPES), as plain dicts: train_cifar.py's defaults (resolve), and what bench.py measures."""
 import argparse
+import importlib
 
+from backbones import BACKBONES, build_error
 from diffusion import make_diffusion
 from errors import RunError
 
@@ -58,8 +60,34 @@ LATENT_RECIPES = {
     # GenViT reports no latent model: its CIFAR-10 recipe and size on the 32x32x4 latents (patch 4: 64 tokens).
     "genvit": RECIPES["genvit"],
 }
-# What a recipe leaves unset: DDPM's linear schedule, L2 loss, constant LR after the warm-up, ADM's 'large' variance.
-RECIPE_DEFAULTS = dict(schedule="linear", loss_type="l2", lr_schedule="constant", min_lr=0.0, fixed_variance="large")
+# ----- CPU-sized recipes: what `train_cifar.py --backbone X` trains on a machine without a GPU -----
+# Each paper's recipe cut to show class-conditional CIFAR-10 samples (a grid row per class) on 2 CPU cores in about
+# 15 minutes (measured: README, "What a CPU can do"). Common to all: the backbone's Tiny model at patch 4 (64
+# tokens, a quarter of patch 2's work per image), labels (GenViT's denoiser has none), about one epoch, a warm-up of
+# a few percent of the run (the papers' would never end), a grid half-way and at the end (guided, cfg 3: a row per
+# class that looks like its class), a checkpoint every few minutes. The EMA ramp-up (training.ema_decay) makes the
+# EMA of so short a run an average of its last steps.
+CPU_RECIPES = {
+    # DiT's recipe (AdamW, no weight decay, learned sigma) at lr 1e-3: 1e-4 is tuned for 400k steps of DiT-XL/2.
+    "dit": dict(RECIPES["dit"], model="DiT-Tiny", model_arg={"patch_size": 4}, class_cond=True, steps=1200,
+                batch_size=64, lr=1e-3, warmup=50, sampler="dpm++2m", sample_steps=25, grid_cfg_scale=3.0,
+                sample_every=600, ckpt_every=200),
+    # U-ViT's: beta1 0.9, not 0.99 (a 100-step memory is too long for 1k steps); no output conv (its random init
+    # costs a short run most of its progress; README, "What a CPU can do").
+    "uvit": dict(RECIPES["uvit"], model="U-ViT-Tiny", model_arg={"patch_size": 4, "conv": False}, class_cond=True,
+                 steps=1400, batch_size=64, lr=1e-3, betas=(0.9, 0.999), warmup=50, sampler="dpm++2m",
+                 sample_steps=25, grid_cfg_scale=3.0, sample_every=700, ckpt_every=200),
+    # DiffiT's EDM recipe (Adam lr 1e-3, Heun 18 steps) on DiffiT-Tiny, a U-shape already sized for a CPU.
+    "diffit": dict(RECIPES["diffit"], model="DiffiT-Tiny", class_cond=True, steps=1500, batch_size=32, warmup=100,
+                   sampler="heun", sample_steps=18, grid_cfg_scale=3.0, sample_every=750, ckpt_every=250),
+    # GenViT's (L1, cosine schedule and lr, clip 1): unconditional as the paper; 100 of its 1000 DDPM steps.
+    "genvit": dict(RECIPES["genvit"], model="GenViT-Tiny", steps=4000, batch_size=64, warmup=100, sample_steps=100,
+                   sample_every=2000, ckpt_every=1000),
+}
+# What a recipe leaves unset: DDPM's linear schedule, L2 loss, constant LR after the warm-up, ADM's 'large' variance;
+# EDM's EMA ramp-up (training.ema_decay), grids and checkpoints every 5000 steps.
+RECIPE_DEFAULTS = dict(schedule="linear", loss_type="l2", lr_schedule="constant", min_lr=0.0, fixed_variance="large",
+                       ema_rampup=0.05, sample_every=5000, ckpt_every=5000, grid_cfg_scale=1.0)
 # The recipe's sampler, its step count and DDPM variance belong to its formulation: another one drops them.
 OWN_FORMULATION = ("sampler", "sample_steps", "fixed_variance")
 
@@ -74,32 +102,51 @@ def paper_recipe(backbone, dataset):
     return (LATENT_RECIPES if dataset == "latents" else RECIPES)[backbone]
 
 
-def resolve(args):
-    """A new Namespace: train_cifar.py's unset (None) flags from the backbone's recipe, then RECIPE_DEFAULTS (another
-    formulation: its own sampler and steps, no learned sigma, 'large' variance). Misfitting flags raise RunError."""
-    paper = (LATENT_RECIPES if args.dataset == "latents" else RECIPES)[args.backbone]
+def resolve(args, gpu=True):
+    """A new Namespace: train_cifar.py's unset (None) flags from the recipe (without a GPU, CIFAR-10 takes the CPU one
+    unless --paper-recipe, --model or --steps), then RECIPE_DEFAULTS. Misfitting flags, an unknown --model: RunError."""
+    cpu = not (gpu or args.paper_recipe or args.model or args.steps is not None) and args.dataset == "cifar10"
+    paper = (CPU_RECIPES if cpu else LATENT_RECIPES if args.dataset == "latents" else RECIPES)[args.backbone]
     formulation = first(args.formulation, paper["formulation"])
     if formulation != paper["formulation"]:
         paper = {k: v for k, v in paper.items() if k not in OWN_FORMULATION}
     recipe = {**RECIPE_DEFAULTS, **paper, "formulation": formulation}
     if formulation != "ddpm":
         recipe["learn_sigma"] = False  # learned variances are DDPM's (Improved DDPM); EDM and flows have none
-    new = {k: first(getattr(args, k), v) for k, v in recipe.items()}
+    new = {k: first(getattr(args, k), v) for k, v in recipe.items() if k not in ("model_arg", "class_cond")}
+    if new["model"] not in importlib.import_module(BACKBONES[args.backbone]).MODELS:  # before any data load
+        raise build_error(args.backbone, new["model"], None)
     if args.backbone == "genvit" or args.hybvit:
         check_genvit(args)
     diffusion = make_diffusion(formulation=formulation)
     if args.sampler is not None:
         check_sampler(args.sampler, diffusion, formulation)
     sampler = first(args.sampler, recipe.get("sampler"), diffusion.default_sampler)
-    if formulation != "ddpm" and (new["learn_sigma"] or args.prediction != "eps"):
-        raise RunError(f"--learn-sigma and --prediction are DDPM options; --formulation {formulation} has its own "
-                       "parameterisation (add --no-learn-sigma)")
+    if formulation != "ddpm" and (new["learn_sigma"] or args.prediction != "eps" or args.schedule
+                                  or args.fixed_variance):  # else silently ignored
+        raise RunError(f"--learn-sigma, --prediction, --schedule and --fixed-variance are DDPM options; --formulation "
+                       f"{formulation} has its own parameterisation (drop them; add --no-learn-sigma)")
     new.update(sampler=sampler, sample_steps=first(args.sample_steps, recipe.get("sample_steps"),
-                                                   diffusion.default_steps(sampler)),
-               class_cond=False if args.backbone == "genvit" else args.class_cond,
-               keep_every=first(args.keep_every, 10 * args.ckpt_every), betas=list(new["betas"]),
-               model_arg=dict(args.model_arg))
+                                                   diffusion.default_steps(sampler)), recipe="cpu" if cpu else "paper",
+               class_cond=False if args.backbone == "genvit" else first(args.class_cond, recipe.get("class_cond")),
+               keep_every=first(args.keep_every, 10 * new["ckpt_every"]), betas=list(new["betas"]),
+               warmup=first(args.warmup, min(recipe["warmup"], new["steps"] // 10)),  # short runs reach --lr
+               model_arg={**recipe.get("model_arg", {}), **dict(args.model_arg)})
     return argparse.Namespace(**{**vars(args), **new})
+
+
+def recipe_flags(recipe, base):
+    """The train_cifar.py flags that turn recipe `base` into `recipe` (e.g. a CPU recipe spelled out for a note)."""
+    flags = ""
+    for k, v in recipe.items():
+        name = k.replace("_", "-")
+        if k == "model_arg":
+            flags += "".join(f" --model-arg {a}={b}" for a, b in v.items())
+        elif isinstance(v, bool) and v != base.get(k):
+            flags += f" --{'' if v else 'no-'}{name}"
+        elif v != base.get(k):
+            flags += f" --{name} " + (" ".join(map(str, v)) if isinstance(v, tuple) else str(v))
+    return flags
 
 
 def check_genvit(args):

@@ -14,10 +14,11 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from checkpoints import plain, rng_state, save_checkpoint, set_rng_state
+from backbones import load_weights
+from checkpoints import load_optimizer, plain, rng_state, save_checkpoint, set_rng_state
 from devices import Processes
 from errors import RunError
-from files import atomic_link, atomic_write, make_dir, remove_stale_temps
+from files import atomic_link, atomic_write, lock_folder, make_dir, remove_stale_temps
 from images import plot_losses
 from training import first_nonfinite, weights_finite
 
@@ -47,10 +48,11 @@ def explicit_resume(resume, out_dir):
 
 
 def prepare_folder(out_dir):
-    """Create out_dir and remove the temporary files that killed runs left in it (and in samples/)."""
+    """Create out_dir, remove what killed runs left in it (and in samples/); -> its lock (files.lock_folder)."""
     if os.path.isdir(out_dir):  # a new folder holds no debris
         remove_debris(out_dir)
     make_dir(out_dir, "--out-dir")
+    return lock_folder(out_dir)
 
 
 def remove_debris(out_dir):
@@ -78,6 +80,7 @@ class Run:
     decode: Optional[object] = None  # latents -> images in [-1, 1] (the VAE decoder), None for pixel runs
     step: int = 0
     elapsed: float = 0.0           # seconds of training before this process
+    saved_at: float = 0.0          # seconds of training at the newest checkpoint written or resumed from
     last_good: Optional[tuple] = None  # (path, step) of the newest checkpoint written or resumed from
 
     @property
@@ -90,13 +93,14 @@ class Run:
 
     def restore(self, ckpt, path):
         """Continue from a checkpoint: weights, optimizer, loss scaler, every RNG, the step."""
-        self.model.load_state_dict(ckpt["model"])
-        self.ema.load_state_dict(ckpt["ema"])
-        self.opt.load_state_dict(ckpt["opt"])
+        load_weights(self.model, ckpt["model"], f"{path} (model)")  # one line naming the first bad key
+        load_weights(self.ema, ckpt["ema"], f"{path} (ema)")
+        load_optimizer(self.opt, ckpt["opt"], path)
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         self.step, self.elapsed, self.last_good = ckpt["step"], ckpt.get("elapsed", 0.0), (path, ckpt["step"])
+        self.saved_at = self.elapsed
         if not self.procs.main:  # every rank resumes from the same file; only the main one writes
             return
         print(f"resumed from {path} at step {self.step}")
@@ -114,7 +118,7 @@ class Run:
                             keep or self.latest)
             if keep:
                 atomic_link(keep, self.latest)
-        self.last_good = (self.latest, self.step)
+        self.last_good, self.saved_at = (self.latest, self.step), elapsed
 
     def check_finite(self, window=(), weights=False):
         """RunError, writing nothing, at a non-finite loss in `window` (stats ending now) or weights (with weights)."""
@@ -186,9 +190,7 @@ class TrainLog:
         self.window, self.t_window, self.step_window = [], now, run.step
 
     def append(self, record):
-        """A record (a training window, an FID, a test accuracy) into log.jsonl, by the main process."""
-        if not self.run.procs.main:
-            return
+        """A record (a training window, an FID, a test accuracy) into log.jsonl; callers are the main process."""
         self.records.append(record)
         try:
             with open(self.path, "a") as f:  # a kill mid-line leaves a partial last line, which read_log drops

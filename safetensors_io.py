@@ -37,6 +37,8 @@ def load_safetensors(path):
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"header is not valid UTF-8 JSON ({e})") from None
+    except RecursionError:  # e.g. [[[[...]]]] nested 200,000 deep
+        raise ValueError("header JSON is nested too deep (a safetensors header is one flat object)") from None
     if not isinstance(header, dict):
         raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
     if not isinstance(header.pop("__metadata__", {}), dict):
@@ -47,11 +49,11 @@ def load_safetensors(path):
         if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
             raise ValueError(f"tensor {name!r}: needs dtype, shape and data_offsets, got {info!r}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:  # a list as dtype: not hashable
             raise ValueError(f"tensor {name!r}: unknown or unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= data_len):
             raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} outside the {data_len}-byte data")
         nbytes = SAFETENSORS_DTYPES[dtype].itemsize

@@ -8,10 +8,13 @@ class-conditional), with FID in the same pass.
   python sample.py --ckpt runs/dit-DiT-S-2-cifar10-cond/latest.pt --cfg-scale 1.5 --class-label 3
   python sample.py --ckpt DiT-XL-2-256x256.pt --image-size 256 --vae sd-vae-ft-ema --class-label 207 --cfg-scale 4
   torchrun --nproc_per_node 8 sample.py --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema --num-samples 50000 --npz x.npz
+  python sample.py --ckpt diffit_256.safetensors --vae sd-vae-ft-ema --cfg-scale 4.4 --cfg-schedule power-cosine
+  python sample.py --ckpt imagenet256_uvit_huge.pth --vae autoencoder_kl_ema.pth --sampler dpm++2m  # not dpm++3s
 
 A train_cifar.py checkpoint records its model and its run's grid sampler; any other file goes to official.py, which
-recognises a release by its keys and shapes and gives it its paper's settings (sampler, steps, guidance). Flags
-override both. Latent models decode through --vae (a diffusers folder or one weights file, see vae.py).
+recognises a release by its keys and shapes and gives it its paper's settings (sampler, steps, guidance; for U-ViT
+its official script's DPM-Solver, dpm++3s or dpm3s). Flags override both; --cfg-schedule sets the guidance schedule
+of --cfg-scale (else of the paper's strength). Latent models decode through --vae (a diffusers folder or one file).
 """
 import argparse
 import collections
@@ -24,42 +27,61 @@ import torch
 import fid
 import official
 from backbones import load_model
-from checkpoints import validate_checkpoint
+from clip import FrozenCLIPEmbedder, prompt_conditioning
+from checkpoints import code_refusal, load_reason, validate_checkpoint
 from devices import Processes, autocast_forward, check_precision, start_processes
 from diffusion import make_diffusion
-from errors import RunError, first_line
+from errors import RunError
 from files import atomic_write, check_writable
+from formulations import GUIDANCE_SCHEDULES, guidance_schedule
 from images import save_grid
 from sampling import generate
 from vae import latent_decoder
 
+KINDS = "train_cifar.py checkpoint or an official release file"  # what --ckpt takes
 # One run's sampling settings, resolved once from the flags and the file's defaults (see resolve).
 Settings = collections.namedtuple("Settings", "sampler steps cfg_scale cfg_channels cfg_label")
+# Text-to-image models (U-ViT's MS-COCO release): the prompts and the CLIP that encodes them (see text_prompts).
+FLAGS = {  # flag -> argparse settings, in --help order
+    "--ckpt": dict(required=True, help="a train_cifar.py checkpoint, or an official DiT / U-ViT / DiffiT / GenViT "
+                                       "file"),
+    "--out": dict(default=None, help="grid PNG path (default: next to the checkpoint)"),
+    "--num-samples": dict(type=int, default=64),
+    "--npz": dict(default=None, help="also write all samples here in the ADM .npz format"),
+    "--batch-size": dict(type=int, default=256),
+    "--sampler": dict(default=None, help="ddpm/ddim/dpm++2m, heun/euler (edm), euler/heun/sde (flow); default: the "
+                                         "run's"),
+    "--steps": dict(type=int, default=None, help="default: the run's --sample-steps (its sampler), else the usual "
+                                                 "count"),
+    "--eta": dict(type=float, default=0.0, help="DDIM eta"),
+    "--cfg-scale": dict(type=float, default=None, help="CFG eps_u + s (eps_c - eps_u); default 1 (off), or the "
+                                                       "paper's"),
+    "--cfg-schedule": dict(choices=GUIDANCE_SCHEDULES, help="constant or power-cosine (DiffiT §5.8); default: the "
+                                                            "paper's"),
+    "--class-label": dict(type=int, default=None, help="sample only this class (default: uniform random labels)"),
+    "--seed": dict(type=int, default=0),
+    "--no-ema": dict(dest="ema", action="store_false", help="use the raw weights instead of the EMA"),
+    "--vae": dict(default=None, help="SD-VAE for latent models: a diffusers folder (e.g. sd-vae-ft-ema) or one file"),
+    "--image-size": dict(type=int, default=None, help="official latent models: the image size (checked against the "
+                                                      "file)"),
+    "--model": dict(default=None, help="official files: the registry name for what shapes cannot tell, e.g. "
+                                       "DiT-XL/2"),
+    "--prompt": dict(action="append", help="text-to-image: a prompt (repeat for more; samples draw among them); "
+                                           "guidance --cfg-scale 2 = the official scale 1"),
+    "--prompts": dict(help="text-to-image: a text file with one prompt per line"),
+    "--clip": dict(help="text-to-image: the Hugging Face openai/clip-vit-large-patch14 folder"),
+    "--device": dict(default=None, help="default: cuda if available, else cpu"),
+    "--precision": dict(choices=["bf16", "fp16", "fp32"], default="fp32", help="fp16 needs a CUDA GPU"),
+    "--nrow": dict(type=int, default=None, help="images per grid row (default: ~sqrt of the grid size)"),
+    "--fid-ref": dict(default=None, help="also FID (and IS) against cifar10-train, cifar10-test or a stats .npz"),
+    "--data-dir": dict(default="data", help="CIFAR-10 folder for building a named --fid-ref the first time"),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    a = p.add_argument
-    a("--ckpt", required=True, help="a train_cifar.py checkpoint, or an official DiT / U-ViT / DiffiT / GenViT file")
-    a("--out", default=None, help="grid PNG path (default: next to the checkpoint)")
-    a("--num-samples", type=int, default=64)
-    a("--npz", default=None, help="also write all samples here in the ADM .npz format")
-    a("--batch-size", type=int, default=256)
-    a("--sampler", default=None, help="ddpm/ddim/dpm++2m, heun/euler (edm), euler/heun/sde (flow); default: the run's")
-    a("--steps", type=int, default=None, help="default: the run's --sample-steps (its sampler), else the usual count")
-    a("--eta", type=float, default=0.0, help="DDIM eta")
-    a("--cfg-scale", type=float, default=None, help="CFG eps_u + s (eps_c - eps_u); default 1 (off), or the paper's")
-    a("--class-label", type=int, default=None, help="sample only this class (default: uniform random labels)")
-    a("--seed", type=int, default=0)
-    a("--no-ema", dest="ema", action="store_false", help="use the raw weights instead of the EMA")
-    a("--vae", default=None, help="SD-VAE for latent models: a diffusers folder (e.g. sd-vae-ft-ema) or one file")
-    a("--image-size", type=int, default=None, help="official latent models: the image size (checked against the file)")
-    a("--model", default=None, help="official files: the registry name for what shapes cannot tell, e.g. DiT-XL/2")
-    a("--device", default=None, help="default: cuda if available, else cpu")
-    a("--precision", choices=["bf16", "fp16", "fp32"], default="fp32", help="fp16 needs a CUDA GPU")
-    a("--nrow", type=int, default=None, help="images per grid row (default: ~sqrt of the grid size)")
-    a("--fid-ref", default=None, help="also FID (and IS) against cifar10-train, cifar10-test or a stats .npz")
-    a("--data-dir", default="data", help="CIFAR-10 folder for building a named --fid-ref the first time")
+    for flag, kwargs in FLAGS.items():
+        p.add_argument(flag, **kwargs)
     args = p.parse_args(argv)
     for ok, msg in [(args.num_samples >= 1 and args.batch_size >= 1, "--num-samples and --batch-size must be >= 1"),
                     (args.steps is None or 1 <= args.steps <= 1000, "--steps must be in 1..1000"),
@@ -81,8 +103,8 @@ def read(path):
     try:
         return None if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, random bytes: all "not a checkpoint"
-        raise RunError(f"cannot read checkpoint {path} ({first_line(e)[:140]}); it is truncated or not a "
-                       "train_cifar.py checkpoint or an official release file") from None
+        raise code_refusal(path, e, f"pass a {KINDS}") or RunError(f"cannot read checkpoint {path} ({load_reason(e)}); "
+                                                                  f"it is truncated or not a {KINDS}") from None
 
 
 def load(args, device):
@@ -111,10 +133,22 @@ def resolve(args, diffusion, defaults, null_label):
     steps = args.steps or (defaults["steps"] if own else diffusion.default_steps(sampler))
     cfg_scale = defaults["cfg_scale"] if args.cfg_scale is None else args.cfg_scale
     cfg_label = (defaults["cfg_label"] or "1") if args.cfg_scale is None else f"{args.cfg_scale:g}"
+    if getattr(args, "cfg_schedule", None):  # --cfg-scale (else the file's strength) under that schedule
+        cfg_scale, cfg_label = scheduled_guidance(args, diffusion, defaults)
     if cfg_label != "1" and null_label is None:  # guidance needs a model trained with label dropout
         raise RunError("--cfg-scale needs a class-conditional model trained with label dropout (--class-cond, "
                        "--class-dropout)")
     return Settings(sampler, steps, cfg_scale, defaults["cfg_channels"], cfg_label)
+
+
+def scheduled_guidance(args, diffusion, defaults):
+    """(cfg_scale, label) for --cfg-schedule: --cfg-scale, else the file's guidance strength, on that schedule."""
+    scale = defaults.get("cfg_strength", defaults["cfg_scale"]) if args.cfg_scale is None else args.cfg_scale
+    if args.cfg_schedule == "power-cosine" and diffusion.formulation == "edm":
+        raise RunError("--cfg-schedule power-cosine follows the network time 999..0 (DDPM, flow, U-ViT releases); "
+                       "EDM's is ln(sigma)/4: use a constant --cfg-scale")
+    tag = "powcos" if args.cfg_schedule == "power-cosine" and scale != 1 else ""
+    return guidance_schedule(args.cfg_schedule, scale), f"{tag}{scale:g}"
 
 
 def grid_path(args, s):
@@ -131,8 +165,33 @@ def check_class_label(label, num_classes):
 
 
 def vae_decoder(args, meta, device):
-    """Latent models: decode through --vae (else the one the checkpoint names)."""
-    return latent_decoder(args.vae or meta.get("vae"), meta["channels"], meta["image_size"], device, args.image_size)[0]
+    """Latent models: decode through --vae (else the one the checkpoint names), checked against what made the latents
+    where the checkpoint records it (vae.check_vae_fits)."""
+    decode = latent_decoder(args.vae or meta.get("vae"), meta["channels"], meta["image_size"], device,
+                            args.image_size, latents=meta)[0]
+    scale = meta.get("latent_scale")  # U-ViT's MS-COCO latents are z * 0.23010; the SD-VAE divides by 0.18215
+    return decode if scale is None else (lambda z: decode(z * (0.18215 / scale)))
+
+
+def text_prompts(args, model, net, meta, device):
+    """Text-to-image: the prompts of --prompt and --prompts FILE, encoded once by the CLIP text tower of --clip;
+    sampling sees them as labels 0..P-1 and the empty prompt as the null label P (clip.prompt_conditioning), so
+    guidance, --class-label (a prompt's index) and the npz labels (arr_1) work as for classes."""
+    if not getattr(model, "text_cond", False):
+        raise RunError("--prompt / --prompts need a text-to-image model (e.g. the official mscoco_uvit_small.pth)")
+    if args.prompts and not os.path.isfile(args.prompts):
+        raise RunError(f"--prompts {args.prompts} does not exist; pass a text file with one prompt per line")
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts or not args.clip:
+        raise RunError("a text-to-image model needs --prompt TEXT (or --prompts FILE) and --clip DIR, the Hugging "
+                       "Face openai/clip-vit-large-patch14 folder")
+    encoder = FrozenCLIPEmbedder(args.clip, device, width=model.clip_dim)
+    for i, p in enumerate(prompts[:8]):
+        print(f"prompt {i}: {p!r}")
+    return prompt_conditioning(net, encoder, prompts, model), {**meta, "num_classes": len(prompts)}, len(prompts)
 
 
 def fid_setup(args, meta, device):
@@ -170,7 +229,9 @@ def run(args, procs=None, device=None):
         procs, device = start_processes(args.device)
     check_precision(args.precision, device)
     model, net, diffusion, meta, defaults, head = load(args, device)
-    s = resolve(args, diffusion, defaults, model.null_label)
+    text = getattr(model, "text_cond", False) or args.prompt or args.prompts  # text-to-image: prompts as labels
+    net, meta, null_label = text_prompts(args, model, net, meta, device) if text else (net, meta, model.null_label)
+    s = resolve(args, diffusion, defaults, null_label)
     decode = None if meta["pixels"] else vae_decoder(args, meta, device)
     print(f"{head}, {s.sampler} {s.steps} steps, cfg {s.cfg_label}, {args.num_samples} samples on {device}")
     n_cls = meta["num_classes"]
@@ -186,7 +247,7 @@ def run(args, procs=None, device=None):
     batches = list(generate(autocast_forward(net, device, args.precision), diffusion, shape, args.num_samples,
                             args.batch_size, num_classes=n_cls, class_label=args.class_label, sampler=s.sampler,
                             steps=s.steps, eta=args.eta, cfg_scale=s.cfg_scale, cfg_channels=s.cfg_channels,
-                            null_label=model.null_label, seed=args.seed, device=device, decode=decode, procs=procs))
+                            null_label=null_label, seed=args.seed, device=device, decode=decode, procs=procs))
     if not procs.main:  # this process sampled its share; the main process gathered them all in order
         return None
     images = torch.cat([x for x, _ in batches])                               # (N, C, H, W) uint8

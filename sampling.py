@@ -20,23 +20,28 @@ def generate(fwd, diffusion, shape, num_samples, batch_size, num_classes=0, clas
     gen = torch.Generator().manual_seed(seed)
     labels = draw_labels(num_samples, num_classes, class_label, gen) if num_classes else None
     starts = range(0, num_samples, batch_size)
-    mine = None
-    for k, i in enumerate(tqdm(starts, desc="sampling", disable=not progress or not procs.main)):
+    mine, bar = None, tqdm(total=len(starts[procs.rank::procs.world]) * diffusion.nfe(sampler, steps), unit="step",
+                           desc="sampling", disable=not progress or not procs.main)
+    for k, i in enumerate(starts):
         n = min(batch_size, num_samples - i)
         noise = torch.randn((n, *shape), generator=gen)  # drawn by every process: the generator stays in step
         y = None if labels is None else labels[i:i + n]
         if k % procs.world == procs.rank:
-            x = diffusion.sample(fwd, (n, *shape), sampler=sampler, steps=steps,
+            x = diffusion.sample(ticking(fwd, bar), (n, *shape), sampler=sampler, steps=steps,
                                  model_kwargs=None if y is None else {"y": y.to(device)}, cfg_scale=cfg_scale,
                                  cfg_channels=cfg_channels, null_label=null_label, noise=noise, device=device,
                                  clip_denoised=decode is None, generator=torch.Generator(device).manual_seed(seed + i),
                                  **options)
             mine = (to_uint8(x if decode is None else decode(x)).cpu(), y)
         if k % procs.world == procs.world - 1 or k == len(starts) - 1:  # a round done: batches in rank order
-            for batch in procs.gather(mine) or []:
-                if batch is not None:
-                    yield batch
+            yield from (batch for batch in procs.gather(mine) or [] if batch is not None)
             mine = None
+    bar.close()
+
+
+def ticking(fwd, bar):
+    """fwd that advances a progress bar by one per network call: sampling progress in sampler steps x batches."""
+    return lambda *a, **kw: (fwd(*a, **kw), bar.update())[0]
 
 
 def draw_labels(num_samples, num_classes, class_label, gen):

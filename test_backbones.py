@@ -1,8 +1,9 @@
 """
 What every backbone shares, tested once across all of them: the backbone contract of README.md ("The backbone
 contract") for dit, uvit, diffit and genvit; backbones.check_inputs, the one-line input errors that the forward
-passes leave out; label dropout with probability 1 (the CFG null label); and a class-conditional forward that
-torch.compile traces as one graph.
+passes leave out; label dropout with probability 1 (the CFG null label); a class-conditional forward that
+torch.compile traces as one graph; and loading weights (the first missing, unexpected or mis-shaped key named in one
+line, non-finite weights refused).
 """
 import importlib
 
@@ -14,7 +15,7 @@ import diffit
 import dit
 import genvit
 import uvit
-from backbones import BACKBONES, build_model, check_inputs
+from backbones import BACKBONES, build_model, check_inputs, load_model, load_weights, mismatch
 from conftest import randomized
 from errors import RunError
 
@@ -169,3 +170,42 @@ def test_forward_compiles_without_graph_breaks(name, mode):
     assert report.graph_break_count == 0 and report.graph_count == 1, report.break_reasons
     with pytest.raises(RunError, match="labels must lie in"):
         check_inputs(model, x, t, torch.tensor([0, 11]))
+
+
+# ----- Loading weights: one line naming the first bad key, non-finite weights refused -----
+
+def edited(change):
+    sd = dict(BUILDS["dit"]().state_dict())
+    change(sd)
+    return sd
+
+
+def poke_nan(sd):
+    sd["final_layer.linear.weight"] = sd["final_layer.linear.weight"].clone()
+    sd["final_layer.linear.weight"][0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("change, expect", [
+    (lambda sd: sd.pop("pos_embed"), "missing 'pos_embed'"),
+    (lambda sd: sd.update({"extra.weight": torch.zeros(2)}), "unexpected 'extra.weight'"),
+    (lambda sd: sd.update({"t_embedder.mlp.0.bias": torch.zeros(3)}),
+     r"shape 't_embedder.mlp.0.bias' \(3,\) != \(32,\)"),
+    (lambda sd: [sd.pop(k) for k in ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight")],
+     r"missing 'pos_embed' \(\+2 more\)"),
+    (poke_nan, "weight final_layer.linear.weight holds non-finite values"),
+])
+def test_load_weights_names_the_first_bad_key(change, expect):
+    with pytest.raises(RunError, match=expect) as e:
+        load_weights(BUILDS["dit"](), edited(change), "f.pt")
+    assert str(e.value).startswith("f.pt: ") and "\n" not in str(e.value)
+    assert mismatch(BUILDS["dit"](), BUILDS["dit"]().state_dict()) == ""  # a fitting state_dict: nothing to name
+
+
+def test_load_model_refuses_non_finite_weights():
+    model = BUILDS["dit"]()
+    ckpt = dict(backbone="dit", model_name="DiT-S/2", model_kwargs=dict(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10),
+        ema=edited(poke_nan), model=model.state_dict())
+    load_model(ckpt, False, "cpu", "run/latest.pt")  # the raw weights are fine
+    with pytest.raises(RunError, match="run/latest.pt: weight final_layer.linear.weight holds non-finite values"):
+        load_model(ckpt, True, "cpu", "run/latest.pt")

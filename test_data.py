@@ -1,10 +1,12 @@
 """
 data.py: the CIFAR-10 download (md5 check, safe extraction, pickles that may hold arrays only), batch indices,
 crops, image folders and latents (.npz files and memory-mapped extract_latents.py folders); every bad input a
-one-line error.
+one-line error (malformed latents too: meta.json entries of the wrong kind, labels beyond the classes, latents that
+are not floats, a .pt that would run code), with nothing written.
 """
 import datetime
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -219,3 +221,85 @@ def test_folder_is_memory_mapped_and_batches_follow_the_moments(tmp_path, tiny_v
     assert torch.allclose(got.abs(), rows, atol=1e-3)           # each sample's own row, scaled by 0.5
     assert (got > 0).any() and (got < 0).any()                  # both stored flips are drawn
     assert torch.allclose(z, z[:, :1].expand_as(z), atol=1e-4) and y.tolist() == [2, 0, 2, 2, 2, 1, 1, 0]
+
+
+# ----- Malformed latents: one line, before anything is written -----
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def folder_with(change_meta=None, moments=None, labels=None):
+    def make(tmp_path, vae):
+        folder = write_latents(str(tmp_path / "lat"), vae, moments=moments, labels=labels)
+        if change_meta:
+            meta = json.load(open(os.path.join(folder, "meta.json")))
+            change_meta(meta)
+            json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
+        return folder
+    return make
+
+
+def npz_with(**arrays):
+    def make(tmp_path, vae):
+        np.savez(tmp_path / "z.npz", **arrays)
+        return str(tmp_path / "z.npz")
+    return make
+
+
+def pt_with(obj):
+    def make(tmp_path, vae):
+        torch.save(obj, tmp_path / "z.pt")
+        return str(tmp_path / "z.pt")
+    return make
+
+
+Z = np.zeros((N, C, H, H), np.float32)
+MOMENTS = np.zeros((N, 2, 2 * C, H, H))
+BAD_LATENTS = {  # name -> (makes the data, what the one-line error says)
+    "scaling abc": (folder_with(lambda m: m.update(scaling_factor="abc")), "scaling_factor 'abc' (a finite number"),
+    "scaling NaN": (folder_with(lambda m: m.update(scaling_factor=float("nan"))), "scaling_factor nan"),
+    "scaling 0": (folder_with(lambda m: m.update(scaling_factor=0)), "scaling_factor 0 (a finite number > 0)"),
+    "count a string": (folder_with(lambda m: m.update(count="12")), "count '12' (an integer >= 1)"),
+    "size negative": (folder_with(lambda m: m.update(latent_size=-8)), "latent_size -8 (an integer >= 1)"),
+    "names not a list": (folder_with(lambda m: m.update(class_names="abc")), "class_names abc (a list of names)"),
+    "label out of range": (folder_with(labels=np.arange(N) % 9), "holds labels 0..8 but meta.json names 3 classes"),
+    "names too few": (folder_with(lambda m: m.update(class_names=["a", "b"])), "names 2 classes"),
+    "label negative": (folder_with(labels=np.arange(N) - 1), "holds labels -1..10"),
+    "moments int8": (folder_with(moments=MOMENTS.astype(np.int8)), "latents.npy holds int8 (float16 or float32"),
+    "moments bool": (folder_with(moments=MOMENTS.astype(bool)), "latents.npy holds bool"),
+    "moments complex": (folder_with(moments=MOMENTS.astype(np.complex64)), "latents.npy holds complex64"),
+    "npz bool": (npz_with(latents=Z.astype(bool)), "needs a float array 'latents'"),
+    "npz int8": (npz_with(latents=Z.astype(np.int8)), "needs a float array 'latents'"),
+    "npz complex": (npz_with(latents=Z.astype(np.complex64)), "needs a float array 'latents'"),
+    "npz NaN": (npz_with(latents=Z + np.nan), "the latents hold NaN or inf values"),
+    "npz labels float": (npz_with(latents=Z, labels=np.zeros(N)), "labels must be integers >= 0"),
+    "npz labels negative": (npz_with(latents=Z, labels=-np.ones(N, np.int64)), "labels must be integers >= 0"),
+    "pt not a tensor": (pt_with({"latents": [1, 2]}), "needs a float array 'latents'"),
+    "pt labels a list": (pt_with({"latents": torch.zeros(N, C, H, H), "labels": [1]}), "labels must have shape"),
+    "pt would run code": (pt_with({"latents": Evil()}), "is not a plain tensor file (would run code: "),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LATENTS))
+def test_malformed_latents_are_one_line_before_anything_is_written(tmp_path, tiny_vae, capsys, case):
+    make, expect = BAD_LATENTS[case]
+    path = make(tmp_path, tiny_vae)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "out", path, "--dataset", "latents", "--model-arg", "patch_size=2", "--class-cond",
+              "--steps", 1)
+    msg = exit_message(e, capsys)
+    assert expect in msg and "\n" not in msg and "weights_only" not in msg and "\x1b" not in msg
+    assert sorted(os.listdir(tmp_path)) == before and "never run" not in capsys.readouterr().out
+
+
+def test_an_impossible_image_size_is_refused_before_it_is_allocated(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    with pytest.raises(SystemExit) as e:  # 3 TB for one image: once an allocation the OOM killer ended
+        train(tmp_path / "out", tmp_path / "imgs", "--dataset", "folder", "--image-size", 1_000_000, "--steps", 1)
+    msg = exit_message(e, capsys)
+    assert "1 images of 1000000x1000000 need 3.0 TB of memory, more than this machine's" in msg
+    assert not (tmp_path / "out").exists()

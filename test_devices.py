@@ -2,7 +2,9 @@
 devices.py's processes under torchrun on CPUs (gloo, 2 processes): a run gives the same losses and weights for 1 and
 2 processes at the same global batch (class-conditional DiT with learned sigma: timesteps, noise, flips and label
 dropout all drawn per step for the global batch), resumes under torchrun, and sharded sampling writes the same npz,
-in the same order, as one process; a global batch that the processes cannot share is refused.
+in the same order, as one process; a global batch that the processes cannot share is refused. Memory: a batch whose
+activations (measured on the meta device) cannot fit is refused before the run, and an out-of-memory error is one line.
+(torchrun's workers stopping with their launcher: test_runs.py.)
 """
 import os
 import subprocess
@@ -12,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, read_log
+import devices
+import dit
+import train_cifar
+from conftest import TINY, read_log, train
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+TORCHRUN = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                              reason="torch.distributed with gloo is not available")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -33,6 +38,7 @@ def train_args(out_dir, data_dir, steps):
                    "--ckpt-every", 3, "--device", "cpu"]
 
 
+@TORCHRUN
 def test_two_processes_equal_one_and_resume(tmp_path, cifar_dir):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     rc, text = launch("train_cifar.py", train_args(one, cifar_dir, 6), 1)
@@ -53,6 +59,7 @@ def test_two_processes_equal_one_and_resume(tmp_path, cifar_dir):
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # one writer: the same files, no per-rank debris
 
 
+@TORCHRUN
 def test_sharded_sampling_equals_one_process(tmp_path, cifar_dir):
     run = str(tmp_path / "run")
     rc, text = launch("train_cifar.py", train_args(run, cifar_dir, 2), 1)
@@ -70,8 +77,43 @@ def test_sharded_sampling_equals_one_process(tmp_path, cifar_dir):
     assert np.array_equal(outs[0]["arr_0"], outs[1]["arr_0"]) and np.array_equal(outs[0]["arr_1"], outs[1]["arr_1"])
 
 
+@TORCHRUN
 def test_global_batch_must_divide(tmp_path, cifar_dir):
     args = train_args(str(tmp_path / "odd"), cifar_dir, 2)
     args[args.index("--batch-size") + 1] = "3"
     rc, text = launch("train_cifar.py", args, 2)
     assert rc != 0 and "--batch-size 3 (the global batch) must be divisible by the 2 processes" in text
+
+
+# ----- Memory -----
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 1000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+], ids=["cuda", "cpu-allocator", "python"])
+def test_out_of_memory_is_one_line(tmp_path, cifar_dir, monkeypatch, error):
+    def step(*a, **k):
+        raise error
+    monkeypatch.setattr(train_cifar, "train_step", step)
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "run", cifar_dir, "--steps", 2)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: out of memory at --batch-size 4 (") and "\n" not in msg
+    assert "lower --batch-size or add --grad-checkpoint" in msg
+    monkeypatch.setattr(train_cifar, "train_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError stays a traceback
+        train(tmp_path / "run2", cifar_dir, "--steps", 2)
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_the_run(monkeypatch):
+    model = dit.DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    per_sample = devices.activation_bytes(model, (3, 8, 8))
+    assert 10_000 < per_sample < 10_000_000  # the tensors autograd keeps: tokens x width x blocks, in float32
+    monkeypatch.setattr(devices, "memory_free", lambda device: 100 * per_sample)
+    devices.check_batch_memory(model, (150, 3, 8, 8), torch.device("cpu"), "fp32")  # within twice the free memory
+    devices.check_batch_memory(model, (300, 3, 8, 8), torch.device("cpu"), "bf16")  # half the bytes
+    with pytest.raises(devices.RunError, match=r"a batch of 300 needs about .*B for activations but cpu has .*B "
+                                               r"free; lower --batch-size \(about 100 would fit\)"):
+        devices.check_batch_memory(model, (300, 3, 8, 8), torch.device("cpu"), "fp32")

@@ -1,12 +1,17 @@
 """
 extract_latents.py: the latents-v1 format (shapes, labels, meta, the flip slot, moments equal to vae.encode of the
-preprocessed images), exact resume after a SIGKILL and after a broken image, and one-line refusals of bad input. A
+preprocessed images), exact resume after a SIGKILL and after a broken image, and one-line refusals of bad input; the
+VAE recorded by content (a resume with another VAE at the same path refused), one writer per --out, and full disks
+and impossible sizes refused before anything is written (on a small tmpfs where mounting works, and simulated). A
 tiny random-init AutoencoderKL (2x downsampling) on 8x8 images keeps it fast on the CPU. (The preprocessing,
 data.center_crop_resize: test_data.py.)
 """
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,11 +23,12 @@ from PIL import Image
 
 import extract_latents
 import vae as vae_lib
+from conftest import snapshot
 from data import _images_under, center_crop_resize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 META_KEYS = {"format", "complete", "count", "image_size", "latent_channels", "latent_size", "dtype", "stores",
-             "flips", "class_names", "vae", "scaling_factor", "files_sha1", "done"}
+             "flips", "class_names", "vae", "scaling_factor", "files_sha1", "done", "vae_sha256", "downsample_factor"}
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
                 norm_num_groups=32)
 FP16_REL = 2.0 ** -10  # the float16 bound 2^-11, with room for float32 differences between batchings
@@ -106,7 +112,9 @@ def test_class_folders_shapes_labels_meta_and_moments(tmp_path, tiny_vae, capsys
     assert (meta["image_size"], meta["latent_channels"], meta["latent_size"]) == (8, 4, 4)
     assert (meta["dtype"], meta["stores"], meta["flips"]) == ("float16", "moments", 2)
     assert meta["class_names"] == ["a_cls", "b_cls"] and meta["vae"] == os.path.abspath(tiny_vae)
-    assert meta["scaling_factor"] == 0.18215
+    assert meta["scaling_factor"] == 0.18215 and meta["downsample_factor"] == 2
+    vae_files = [os.path.join(tiny_vae, f) for f in ("config.json", "diffusion_pytorch_model.safetensors")]
+    assert meta["vae_sha256"] == hashlib.sha256(b"".join(open(f, "rb").read() for f in vae_files)).hexdigest()
     files = _images_under(str(data / "a_cls")) + _images_under(str(data / "b_cls"))
     assert len(files) == 7
     rel = [os.path.relpath(f, data).replace(os.sep, "/") for f in files]
@@ -258,3 +266,125 @@ def test_float16_overflow_is_refused(tmp_path, tiny_vae, monkeypatch):
     monkeypatch.setattr(extract_latents, "encode_batch", lambda *a: encode(*a) * 1e6)
     assert "use --dtype float32" in fails(args(data, tiny_vae, tmp_path / "out"))
     assert read(tmp_path / "out")[0]["complete"] is False
+
+
+# ----- Provenance: the VAE is recorded by content, and a resume refuses another one -----
+
+def test_a_vae_changed_between_kill_and_resume_is_refused(tmp_path, tiny_vae, capsys):
+    """The same path, other weights: resuming would mix two VAEs in one latents.npy (marked complete)."""
+    data, own = class_folder(tmp_path / "data"), tmp_path / "vae"
+    shutil.copytree(tiny_vae, own)
+    weights = own / "diffusion_pytorch_model.safetensors"
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    extract_latents.main(args(data, str(own), whole))
+    r = subprocess.run([sys.executable, "-c", KILL_ON_THIRD_BATCH, *args(data, str(own), cut, "--flush-every", "2")],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    good = weights.read_bytes()
+    torch.manual_seed(5)
+    vae_lib.save_safetensors(vae_lib.AutoencoderKL(**TINY_VAE).state_dict(), str(weights))
+    before = snapshot(cut)
+    msg = fails(args(data, str(own), cut))
+    was, now = read(whole)[0]["vae_sha256"], vae_lib.load_vae(own).sha256
+    assert f"the VAE's content changed: sha256 {was[:12]} when the extraction began, {now[:12]} now" in msg
+    assert snapshot(cut) == before
+    weights.write_bytes(good)  # the VAE it began with: the resume completes it, byte-identical
+    extract_latents.main(args(data, str(own), cut))
+    assert read(cut) == read(whole)
+
+
+def test_latents_from_before_hashes_were_recorded_still_resume(tmp_path, tiny_vae):
+    data = class_folder(tmp_path / "data")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    extract_latents.main(args(data, tiny_vae, whole))
+    interrupt_after_first_batch(data, tiny_vae, cut)
+    meta = json.loads((cut / "meta.json").read_text())
+    del meta["vae_sha256"], meta["downsample_factor"]  # as an older version wrote it: unknown, not compared
+    (cut / "meta.json").write_text(json.dumps(meta))
+    extract_latents.main(args(data, tiny_vae, cut))
+    assert read(cut) == read(whole)
+
+
+def interrupt_after_first_batch(data, vae, out):
+    """An extraction stopped by Ctrl-C after its first batch of 2 (flushed: done 2)."""
+    encode, calls = extract_latents.encode_batch, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(*a)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(extract_latents, "encode_batch", interrupted)
+        with pytest.raises(SystemExit, match="interrupted; rerun the same command to resume"):
+            extract_latents.main(args(data, vae, out, "--flush-every", "2"))
+    assert json.loads((out / "meta.json").read_text())["done"] == 2
+
+
+# ----- One writer per --out -----
+
+HOLDER = "import sys, time, files; files.lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(120)"
+
+
+def test_a_second_extraction_into_a_locked_out_is_refused(tmp_path, tiny_vae):
+    data = class_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    interrupt_after_first_batch(data, tiny_vae, out)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(out)
+        msg = fails(args(data, tiny_vae, out))
+        assert f"--out {out} is in use by another run (pid {holder.pid})" in msg and snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    extract_latents.main(args(data, tiny_vae, out))  # the holder died: its lock went with it
+    assert read(out)[0]["complete"] is True
+
+
+# ----- Full disks and impossible sizes: one line, checked before anything is written -----
+
+@contextlib.contextmanager
+def small_disk(path, size):
+    """A tmpfs of `size` bytes at path, where this machine allows mounting (root); else the test is skipped."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]}); the simulated full disk still runs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_an_impossible_image_size_is_refused_before_anything_is_written(tmp_path, tiny_vae):
+    data = class_folder(tmp_path / "data")
+    msg = fails(args(data, tiny_vae, tmp_path / "out", size=100_000))  # once: a 560 GB sparse file and meta.json
+    assert "needs" in msg and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "simulated"])
+def test_a_full_disk_is_one_line_and_leaves_no_latents_file(tmp_path, tiny_vae, monkeypatch, disk):
+    data = class_folder(tmp_path / "data")
+    big = ("--dtype", "float32")  # 7 x 2 x 8 x 16 x 16 x 4 = 114,688 bytes of latents at --image-size 32
+    with contextlib.ExitStack() as stack:
+        if disk == "tmpfs":
+            root = stack.enter_context(small_disk(tmp_path / "disk", 64 * 1024))
+        else:  # a 64 KiB disk as os.statvfs and os.posix_fallocate report it
+            root = tmp_path / "disk"
+            root.mkdir()
+            monkeypatch.setattr(os, "statvfs", lambda p: type("St", (), dict(f_bavail=16, f_frsize=4096))())
+            monkeypatch.setattr(os, "posix_fallocate", lambda fd, off, n: (_ for _ in ()).throw(
+                OSError(errno.ENOSPC, "No space left on device")))
+        msg = fails(args(data, tiny_vae, root / "out", *big, size=32))
+        assert f"--out {root / 'out'} (latents (7, 2, 8, 16, 16) float32) needs 180.3 kB but" in msg
+        assert "kB free" in msg
+        assert not (root / "out").exists()
+        # past the free-space check (a filesystem that over-reports, another writer): the reservation fails instead
+        monkeypatch.setattr(extract_latents, "check_free_space", lambda *a: None)
+        msg = fails(args(data, tiny_vae, root / "out", *big, size=32))
+        assert "latents.npy (OSError: [Errno 28] No space left on device)" in msg and "114,688 bytes needed" in msg
+        assert not (root / "out" / "latents.npy").exists()
+        assert json.loads((root / "out" / "meta.json").read_text())["complete"] is False

@@ -70,3 +70,15 @@ def test_flow_evaluation_counts():
     f.sample(o, shape, "heun", steps=5, cfg_scale=3.0, null_label=10,
              model_kwargs={"y": torch.zeros(3, dtype=torch.long)})
     assert o.o.calls == 10 and set(o.o.batches) == {6}
+
+
+def test_network_times_are_sits_grids_reversed():
+    """SiT's --num-sampling-steps N is N grid points, N - 1 fixed steps (willisma/SiT @ 947f95b integrators.py:23, 91):
+    our euler K evaluates at t = 1 - t_SiT over linspace(0, 1, K + 1) but its end, so SiT's default num_steps=50 is
+    our --steps 49; our sde K is its SDE over linspace(0, 1 - 1/K, K) with --last-step Tweedie at t_SiT = 1 - 1/K."""
+    for sampler, steps, sit_grid in [("euler", 49, torch.linspace(0, 1, 50)[:-1]),
+                                     ("sde", 5, torch.linspace(0, 1 - 1 / 5, 5))]:
+        seen = []
+        FlowMatching().sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), (1, 1, 1, 1), sampler,
+                              steps, generator=torch.Generator().manual_seed(0))
+        assert seen == pytest.approx((999 * (1 - sit_grid.double())).tolist(), abs=1e-3), sampler

@@ -207,3 +207,16 @@ def test_readme_config_sizes(name, millions):
     with torch.device("meta"):
         model = genvit.MODELS[name]()
     assert round(sum(p.numel() for p in model.parameters()) / 1e6) == millions
+
+
+def test_ffn_time_default_and_checkpoints_keep_theirs():
+    """ffn_time defaults to False (the released CIFAR-10 logs' code; 84a4cfe's --ffnt 1 is ffn_time=True); a
+    checkpoint rebuilds with the ffn_time its model_kwargs record, and without the key with False."""
+    from backbones import load_model
+    assert cifar_model().ffn_time is False and all(not b.ffn_time for b in cifar_model().blocks)
+    for recorded, want in [({}, False), ({"ffn_time": True}, True), ({"ffn_time": False}, False)]:
+        model = genvit.MODELS["GenViT-Tiny"](**recorded)
+        ckpt = {"backbone": "genvit", "model_name": "GenViT-Tiny", "model_kwargs": recorded,
+                "model": model.state_dict(), "ema": model.state_dict()}
+        loaded = load_model(ckpt, True, "cpu")
+        assert loaded.ffn_time is want and all(b.ffn_time is want for b in loaded.blocks)

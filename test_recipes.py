@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import backbones
+import recipes
 import train_cifar
 
 
@@ -66,3 +67,44 @@ def test_bad_genvit_flags(argv, expect, capsys):
 def test_ckpt_every_alone_needs_no_keep_every():
     args = train_cifar.parse_args(["--backbone", "dit", "--ckpt-every", "3000"])
     assert args.keep_every == 30_000  # the default follows --ckpt-every (10 checkpoints per kept one)
+
+
+@pytest.mark.parametrize("backbone", ["dit", "uvit", "diffit", "genvit"])
+def test_no_gpu_picks_the_cpu_recipe_unless_the_paper_is_asked_for(backbone):
+    cpu, paper = (train_cifar.parse_args(["--backbone", backbone], gpu=g) for g in (False, True))
+    want = recipes.CPU_RECIPES[backbone]
+    assert (cpu.recipe, cpu.model, cpu.steps, cpu.batch_size, cpu.warmup, cpu.lr) == (
+        "cpu", want["model"], want["steps"], want["batch_size"], want["warmup"], want["lr"])
+    assert cpu.class_cond == (backbone != "genvit") and cpu.model_arg == want.get("model_arg", {})
+    assert cpu.warmup <= cpu.steps // 10 and cpu.sample_every < cpu.steps and cpu.ema_rampup == 0.05
+    assert cpu.formulation == paper.formulation and cpu.ema_decay == paper.ema_decay  # the paper's, sized down
+    # with a GPU nothing changes: the paper's recipe, as parse_args gives it everywhere (test above)
+    assert paper.recipe == "paper" and vars(paper) == vars(train_cifar.parse_args(["--backbone", backbone]))
+    assert paper.model == recipes.RECIPES[backbone]["model"] and paper.model_arg == {}
+    for forced in (["--paper-recipe"], ["--model", paper.model], ["--steps", "10"], ["--dataset", "latents"]):
+        args = train_cifar.parse_args(["--backbone", backbone, *forced], gpu=False)
+        assert args.recipe == "paper" and args.model == recipes.paper_recipe(backbone, args.dataset)["model"]
+
+
+def test_inherited_warmups_fit_short_runs():
+    """The papers' warm-ups (U-ViT 2.5k, DiffiT 19.5k, GenViT 3.9k steps) are at most a tenth of a shorter run."""
+    tiny = [("uvit", "U-ViT-Tiny"), ("diffit", "DiffiT-Tiny"), ("genvit", "GenViT-Tiny"), ("dit", "DiT-Tiny")]
+    got = [train_cifar.parse_args(["--backbone", b, "--model", m, "--steps", "800"]).warmup for b, m in tiny]
+    assert got == [80, 80, 80, 0]
+    assert train_cifar.parse_args(["--backbone", "uvit", "--steps", "800", "--warmup", "500"]).warmup == 500
+
+
+def test_cpu_recipe_spelled_out_is_the_cpu_recipe():
+    """recipe_flags: the flags that turn the paper's recipe into the CPU one give the same settings anywhere."""
+    for b in recipes.CPU_RECIPES:
+        flags = recipes.recipe_flags(recipes.CPU_RECIPES[b], recipes.RECIPES[b]).split()
+        spelled = train_cifar.parse_args(["--backbone", b, *flags], gpu=True)
+        cpu = train_cifar.parse_args(["--backbone", b], gpu=False)
+        assert {**vars(spelled), "recipe": "cpu"} == vars(cpu)
+
+
+def test_a_bad_model_is_refused_before_any_data_load(monkeypatch, capsys):
+    monkeypatch.setattr(train_cifar, "load_data", lambda args: pytest.fail("data loaded before --model was checked"))
+    with pytest.raises(SystemExit):
+        train_cifar.main(["--backbone", "uvit", "--model", "U-ViT-Huge", "--data-dir", "nowhere"])
+    assert "unknown uvit model 'U-ViT-Huge'; choose one of" in capsys.readouterr().err

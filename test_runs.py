@@ -1,20 +1,26 @@
 """
 runs.py: run folders and resuming (an interrupted and resumed run equals the uninterrupted one; a folder holding
 another run is refused), stop signals (Ctrl-C during a step or a grid), the stop at a non-finite loss, the roll-back
-to a kept checkpoint after a corrupt latest.pt, and the log rewritten atomically on resume.
+to a kept checkpoint after a corrupt latest.pt, the log rewritten atomically on resume, and one writer per run folder
+(a second run refused naming the holder's pid, a killed holder never blocking its resume, torchrun's workers stopping
+when their launcher is killed).
 """
 import errno
 import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import errors
+import files
 import runs
-from conftest import one_line_error, read_log, same_weights, snapshot, train
+from conftest import TINY, one_line_error, read_log, same_weights, snapshot, train
 from diffusion import GaussianDiffusion
 
 
@@ -138,3 +144,82 @@ def test_log_is_rewritten_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", real)
     assert log.read_text() == "".join(lines) and os.listdir(tmp_path) == ["log.jsonl"]
     assert [r["step"] for r in runs.read_log(str(log), 50)] == list(range(1, 51))
+
+
+# ----- One writer per run folder -----
+
+HOLDER = "import sys, time, files; files.lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(120)"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_the_folder_lock_names_its_holder_and_goes_with_it(tmp_path):
+    fd = files.lock_folder(str(tmp_path))
+    with pytest.raises(errors.RunError, match=f"--out-dir {tmp_path} is in use by another run \\(pid {os.getpid()}\\)"):
+        files.lock_folder(str(tmp_path))
+    files.unlock(fd)
+    with files.locked(str(tmp_path), "--out"):
+        assert files.lock_holder(str(tmp_path)) == str(os.getpid())
+    files.unlock(files.lock_folder(str(tmp_path)))  # released at the end of the with block
+    assert os.listdir(tmp_path) == []  # the folder itself is locked: no lock file in it
+
+
+def test_a_second_run_is_refused_and_a_killed_holder_never_blocks_its_resume(existing, cifar_dir, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(existing)], cwd=HERE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(existing)
+        with pytest.raises(SystemExit) as e:
+            train(existing, cifar_dir, "--steps", 22)
+        assert f"--out-dir {existing} is in use by another run (pid {holder.pid})" in one_line_error(e, capsys)
+        assert snapshot(existing) == before  # the log not trimmed, no config.json written
+    finally:
+        holder.kill()  # kill -9: the OS drops its lock
+        holder.wait()
+    train(existing, cifar_dir, "--steps", 22)
+    assert [r["step"] for r in read_log(existing)] == list(range(1, 23))
+
+
+def alive(pid):
+    """Running (a zombie that nobody reaped has exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return f.read().split("State:")[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not torch.distributed.is_available()
+                    or not torch.distributed.is_gloo_available(), reason="torchrun with gloo on Linux (/proc)")
+def test_torchrun_workers_stop_when_their_launcher_dies(tmp_path, cifar_dir, capsys):
+    """kill -9 of torchrun: its workers stop within seconds with a checkpoint, as on Ctrl-C, and never go on as a
+    second writer beside the rerun; while they run, a second run in the folder is refused naming rank 0."""
+    out = tmp_path / "run"
+    argv = TINY + ["--data-dir", str(cifar_dir), "--out-dir", str(out), "--device", "cpu", "--ckpt-every", "100000"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "train_cifar.py"), *argv, "--steps", "99999"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+    with open(tmp_path / "torchrun.txt", "w") as log:
+        launcher = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        t0 = time.time()
+        while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 3:
+            assert launcher.poll() is None and time.time() - t0 < 120, (tmp_path / "torchrun.txt").read_text()[-2000:]
+            time.sleep(0.2)
+        workers = open(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read().split()
+        assert len(workers) == 2 and files.lock_holder(str(out)) in workers
+        with pytest.raises(SystemExit) as e:
+            train(out, cifar_dir, "--steps", 99999, "--ckpt-every", 100000)
+        assert f"is in use by another run (pid {files.lock_holder(str(out))})" in one_line_error(e, capsys)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    t0 = time.time()
+    while any(alive(w) for w in workers):
+        assert time.time() - t0 < 15, "torchrun's workers outlived their launcher"
+        time.sleep(0.2)
+    step = torch.load(out / "latest.pt", weights_only=True)["step"]  # saved on the way out, as on SIGTERM
+    assert [r["step"] for r in read_log(out)] == list(range(1, step + 1))  # one writer: no interleaved records
+    train(out, cifar_dir, "--steps", step + 1, "--ckpt-every", 100000)
+    assert f"resumed from {out / 'latest.pt'} at step {step}" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(out)] == list(range(1, step + 2))

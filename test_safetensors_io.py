@@ -1,7 +1,7 @@
 """
 safetensors_io.py: the reader against files built byte by byte from the format (every dtype, misaligned tensors,
 scalars, empty tensors), the writer's round trip and layout, and a ValueError naming the problem for each malformed
-file.
+file (hostile headers included: nested deep, wrong types).
 """
 import json
 import os
@@ -129,6 +129,13 @@ MALFORMED.update({
     "hole": (header_file({"a": entry(), "b": entry(offsets=(8, 12))}, F32_4 * 3), "hole"),
     "trailing bytes": (header_file({"a": entry()}, F32_4 * 2), "cover 4 bytes of the 8-byte data"),
     "metadata not an object": (header_file({"__metadata__": [1], "a": entry()}, F32_4), "__metadata__"),
+    # hostile headers: nested 200,000 deep (json's RecursionError), a list as dtype (unhashable), bools as numbers
+    "nested deep": (struct.pack("<Q", 400_000) + b"[" * 200_000 + b"]" * 200_000, "nested too deep"),
+    "dtype a list": (header_file({"a": entry(dtype=["F32"])}, F32_4), r"unsupported dtype \['F32'\]"),
+    "dtype an object": (header_file({"a": {**entry(), "dtype": {"F32": 1}}}, F32_4), "unsupported dtype"),
+    "shape of bools": (header_file({"a": entry(shape=(True,))}, F32_4), "not a list of non-negative integers"),
+    "offsets of floats": (header_file({"a": entry(offsets=(0.0, 4.0))}, F32_4), "outside the 4-byte data"),
+    "tensor not an object": (header_file({"a": [1, 2]}, F32_4), "needs dtype, shape and data_offsets"),
 })
 
 

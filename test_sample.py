@@ -136,8 +136,32 @@ def edited_kwargs(existing, tmp_path):
     return ["--ckpt", str(tmp_path / "edited.pt")]
 
 
+def edited_weights(change):
+    def make(existing, tmp_path):
+        ck = torch.load(existing / "latest.pt", weights_only=True)
+        change(ck["ema"])
+        torch.save(ck, tmp_path / "edited.pt")
+        return ["--ckpt", str(tmp_path / "edited.pt")]
+    return make
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def would_run_code(existing, tmp_path):
+    torch.save({"backbone": "dit", "model_kwargs": Evil()}, tmp_path / "evil.pt")
+    return ["--ckpt", str(tmp_path / "evil.pt")]
+
+
+W = "final_layer.linear.weight"
 SAMPLE_BAD = [
     (edited_kwargs, "do not fit DiT-Tiny with the recorded model_kwargs"),
+    (edited_weights(lambda sd: sd.update({W: torch.zeros(3, 3)})), f"shape '{W}' (3, 3) != (96, 32)"),
+    (edited_weights(lambda sd: sd.pop(W)), f"do not fit DiT-Tiny with the recorded model_kwargs (missing '{W}')"),
+    (edited_weights(lambda sd: sd.update({W: sd[W] * float("nan")})), f"weight {W} holds non-finite values"),
+    (would_run_code, "evil.pt is not a plain tensor file (would run code: "),
     (lambda e, t: ["--out", os.path.join(a_file(e, t), "g.png")], "plain.txt is a file, not a folder"),
     (lambda e, t: ["--npz", os.path.join(a_file(e, t), "s.npz")], "plain.txt is a file, not a folder"),
     (lambda e, t: ["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),

@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 import errors
+import recipes
+import runs
 import sample
 import train_cifar
 from conftest import CPU_ONLY, GENVIT_TINY, C, H, N, a_file, digest, exit_message, image, one_line_error, read_log
-from conftest import snapshot, train, write_latents
+from conftest import same_weights, snapshot, train, write_latents
 
 
 # ----- Training end to end -----
@@ -41,6 +43,15 @@ def test_training_writes_checkpoints_logs_grids(baseline):
     assert ck["args"]["lr"] == 1e-4 and ck["args"]["betas"] == [0.9, 0.999]  # DiT recipe
     assert set(ck["rng"]) == {"torch", "cuda", "numpy", "python"}
     assert torch.load(baseline / "ckpt_0000010.pt", weights_only=True)["step"] == 10
+    # EMA with EDM's ramp-up (the default): decay min(0.9999, 0.5^(20/n)) <= 0.5^(20/19) at the last of 20 steps, so
+    # the EMA sits among the last steps' weights instead of next to the (zero) init
+    model, ema = ck["model"]["final_layer.linear.weight"], ck["ema"]["final_layer.linear.weight"]
+    assert ck["args"]["ema_rampup"] == 0.05 and ema.abs().max() > 0.3 * model.abs().max() > 0
+
+
+def test_ema_without_rampup_stays_next_to_the_init(tmp_path, cifar_dir):
+    train(tmp_path / "r", cifar_dir, "--steps", 20, "--ema-rampup", 0)
+    ck = torch.load(tmp_path / "r" / "latest.pt", map_location="cpu", weights_only=True)
     # EMA: 0.9999 over 20 steps stays next to the init, while the raw weights moved
     model, ema = ck["model"]["final_layer.linear.weight"], ck["ema"]["final_layer.linear.weight"]
     assert model.abs().max() > 0 and ema.abs().max() < 0.01 * model.abs().max()
@@ -87,7 +98,115 @@ def test_gpu_recipe_on_a_cpu_prints_the_cpu_command(tmp_path, capsys, monkeypatc
     with pytest.raises(errors.RunError, match="stop here"):
         train_cifar.setup(train_cifar.parse_args(["--backbone", "uvit", "--device", "cpu"]))
     out = capsys.readouterr().out
-    assert "paper's GPU recipe" in out and train_cifar.CPU_COMMAND in out
+    assert "paper's GPU recipe" in out and train_cifar.CPU_COMMAND.format(backbone="uvit") in out
+
+
+# ----- A first run on a CPU: the CPU recipe, checkpoints by time, run folders that never mix -----
+
+def test_main_without_a_gpu_trains_the_cpu_recipe(tmp_path, cifar_dir, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    small = {"patch_size": 4, "hidden_size": 32, "depth": 2, "num_heads": 2}  # the recipe, shrunk to a test's size
+    monkeypatch.setitem(recipes.CPU_RECIPES, "dit", dict(recipes.CPU_RECIPES["dit"], steps=2, batch_size=4,
+                                                         model_arg=small, sample_every=2, sample_steps=2))
+    monkeypatch.chdir(tmp_path)
+    train_cifar.main(["--backbone", "dit", "--data-dir", cifar_dir])
+    said = [line for line in capsys.readouterr().out.splitlines() if "CPU" in line]
+    assert len(said) == 1 and said[0].startswith("no GPU: the CPU-sized recipe (DiT-Tiny at batch 4 for 2 steps")
+    assert "--paper-recipe trains the paper's DiT-S/2 for 500,000 steps" in said[0]
+    run = tmp_path / "runs" / "dit-DiT-Tiny-cifar10-cond-depth=2-hidden_size=32-num_heads=2-patch_size=4"
+    ck = torch.load(run / "latest.pt", weights_only=True)
+    assert ck["args"]["recipe"] == "cpu" and ck["model_kwargs"]["num_classes"] == 10
+    assert image(run / "samples" / "step_0000002_ema.png").shape == (2 + 10 * 34, 2 + 8 * 34, 3)  # a row per class
+
+
+def test_cpu_notes_fit_the_dataset(monkeypatch, capsys):
+    monkeypatch.setattr(train_cifar, "load_data", lambda args: (_ for _ in ()).throw(errors.RunError("stop here")))
+    for argv in (["--dataset", "latents", "--data-dir", "lat256"], ["--dataset", "folder", "--data-dir", "pets"]):
+        with pytest.raises(errors.RunError, match="stop here"):
+            train_cifar.setup(train_cifar.parse_args(["--backbone", "dit", "--device", "cpu", *argv], gpu=False))
+        out = capsys.readouterr().out
+        assert f"python train_cifar.py --backbone dit {' '.join(argv)} --model DiT-Tiny" in out
+        assert "cifar" not in out.replace("train_cifar.py", "") and "--class-cond" not in out  # maybe no classes
+
+
+def test_checkpoints_by_time(tmp_path, cifar_dir, monkeypatch):
+    """--ckpt-minutes 1, steps of 25 s (a fake clock): latest.pt and a log record at 75 s and 150 s, and the end."""
+    clock, saved, real_ema, real_save = [1000.0], [], train_cifar.update_ema, runs.Run.save
+
+    def ema_of_a_25_s_step(*a):
+        clock[0] += 25.0
+        return real_ema(*a)
+    monkeypatch.setattr(runs.time, "time", lambda: clock[0])
+    monkeypatch.setattr(train_cifar, "update_ema", ema_of_a_25_s_step)
+    monkeypatch.setattr(runs.Run, "save", lambda self, elapsed: (saved.append(self.step), real_save(self, elapsed)))
+    out = tmp_path / "timed"
+    train(out, cifar_dir, "--steps", 8, "--ckpt-every", 100, "--log-every", 100, "--ckpt-minutes", 1)
+    assert saved == [3, 6, 8] and [r["step"] for r in read_log(out)] == [3, 6, 8]
+    assert torch.load(out / "latest.pt", weights_only=True)["elapsed"] == 200.0
+    saved.clear()
+    train(tmp_path / "steps", cifar_dir, "--steps", 8, "--ckpt-every", 100, "--log-every", 100, "--ckpt-minutes", 0)
+    assert saved == [8]
+
+
+def test_run_folders_never_mix(tmp_path, cifar_dir, monkeypatch, capsys):
+    """The default folder names the formulation (if not the recipe's), --hybvit and every --model-arg; an explicit
+    --out-dir of another run is a one-line refusal; an older version's folder of the same run is continued."""
+    monkeypatch.chdir(tmp_path)
+    tiny = GENVIT_TINY + ["--data-dir", cifar_dir, "--steps", "2"]
+    name = lambda *argv: train_cifar.default_out_dir(train_cifar.parse_args(tiny + list(argv)))  # noqa: E731
+    base, sizes = os.path.join("runs", "genvit-GenViT-Tiny-cifar10"), "-depth=2-hidden_size=32"
+    plain_run = name()
+    assert plain_run == base + sizes and name("--formulation", "ddpm") == plain_run  # the recipe's own formulation
+    assert name("--hybvit") == base + "-hybvit" + sizes and name("--formulation", "edm") == base + "-edm" + sizes
+    train_cifar.main(tiny)
+    train_cifar.main(tiny + ["--hybvit"])  # a HybViT run of its own, not a silent resume of the plain one
+    assert torch.load(name("--hybvit") + "/latest.pt", weights_only=True)["args"]["hybvit"]
+    with pytest.raises(SystemExit) as e:
+        train_cifar.main(tiny + ["--hybvit", "--out-dir", plain_run, "--steps", "4"])
+    assert "is from another config (hybvit False != True)" in one_line_error(e, capsys)
+
+
+def test_an_older_version_folder_of_the_same_run_is_continued(tmp_path, cifar_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = GENVIT_TINY + ["--data-dir", cifar_dir, "--hybvit"]
+    old = os.path.join("runs", "genvit-GenViT-Tiny-cifar10")  # the name before --hybvit and --model-arg counted
+    train_cifar.main(tiny + ["--steps", "2", "--out-dir", old])  # as an older version named this HybViT run
+    assert train_cifar.default_out_dir(train_cifar.parse_args(tiny)) == old
+    train_cifar.main(tiny + ["--steps", "3"])
+    assert f"resumed from {os.path.join(old, 'latest.pt')} at step 2" in capsys.readouterr().out
+    assert os.listdir("runs") == ["genvit-GenViT-Tiny-cifar10"]
+    edm = train_cifar.parse_args(GENVIT_TINY + ["--data-dir", cifar_dir, "--formulation", "edm"])
+    assert train_cifar.default_out_dir(edm) != old  # another run's folder is never taken over
+
+
+def test_a_checkpoint_from_before_the_ema_rampup_resumes_as_it_was_trained(tmp_path, cifar_dir, capsys):
+    full, old = tmp_path / "full", tmp_path / "old"
+    train(full, cifar_dir, "--steps", 6, "--ema-rampup", 0)
+    train(old, cifar_dir, "--steps", 3, "--ema-rampup", 0)
+    ck = torch.load(old / "latest.pt", weights_only=True)
+    del ck["args"]["ema_rampup"]  # as an older version wrote it
+    torch.save(ck, old / "latest.pt")
+    train(old, cifar_dir, "--steps", 6)  # today's defaults would ramp the EMA up
+    assert "predates the EMA ramp-up (--ema-rampup); it continues with a constant" in capsys.readouterr().out
+    assert same_weights(old / "latest.pt", full / "latest.pt")
+
+
+def test_ctrl_c_during_setup_is_not_called_a_second_one(tmp_path, cifar_dir, monkeypatch):
+    monkeypatch.setattr(train_cifar, "load_data", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "r", cifar_dir, "--steps", 2)
+    assert e.value.code == "stopped before training began (Ctrl-C); rerun the command to start"
+
+
+def test_truncated_latest_advice_names_a_checkpoint_that_exists(tmp_path, existing, cifar_dir, capsys):
+    short = tmp_path / "short"
+    train(short, cifar_dir, "--steps", 2)  # --keep-every 0: no kept checkpoint
+    for out, then in [(short, "rerun to start the run again (it kept no ckpt_XXXXXXX.pt)"),
+                      (existing, f"resume its newest kept checkpoint, --resume {existing / 'ckpt_0000020.pt'}")]:
+        (out / "latest.pt").write_bytes(b"garbage")
+        with pytest.raises(SystemExit) as e:
+            train(out, cifar_dir, "--steps", 30)
+        assert f"move it aside (mv {out / 'latest.pt'} {out / 'latest.pt'}.bad) and {then}" in one_line_error(e, capsys)
 
 
 # ----- Formulations: every one trains, resumes bit-exactly and samples through sample.py -----
@@ -214,6 +333,11 @@ TRAIN_BAD = [
     (without_rng, "that can be resumed (missing ['rng'])"),
     (non_square_latents, "must be (N >= 1, C, S, S), square"),
     (bomb_folder, "bomb.png (DecompressionBombError"),
+    (lambda e, t: ["--model-arg", "attention=xyz"], "attention is set by --attention sdpa|math, not --model-arg"),
+    (lambda e, t: ["--model-arg", "learn_sigma=False"], "learn_sigma is set by --learn-sigma, not --model-arg"),
+    (lambda e, t: ["--formulation", "edm", "--schedule", "cosine"], "--schedule and --fixed-variance are DDPM options"),
+    (lambda e, t: ["--formulation", "flow", "--fixed-variance", "small"], "are DDPM options; --formulation flow"),
+    (lambda e, t: ["--batch-size", "100000000"], "a batch of 100000000 needs about"),  # measured, not OOM-killed
 ]
 
 

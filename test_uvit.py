@@ -1,4 +1,5 @@
-"""Tests for uvit.py: official parameter counts and key layout, an independent reference forward, runtime options."""
+"""Tests for uvit.py: official parameter counts and key layout, an independent reference forward, runtime options,
+and the text-to-image U-ViT (counts, layout, parity with the official libs/uvit_t2i.py, context dropout)."""
 import io
 import json
 import math
@@ -8,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uvit import MODELS, UViT, timestep_embedding
+from backbones import check_inputs
+from errors import RunError
+
+from uvit import MODELS, Block, TextUViT, UViT, timestep_embedding
 
 REF = Path(__file__).resolve().parent / "reference"  # facts from the official code, see reference/README.md
 COUNTS = json.loads((REF / "uvit_param_counts.json").read_text())["models"]
@@ -303,3 +307,146 @@ def test_learn_sigma_channels_and_registry():
 def test_bad_constructor_args(kw, msg):
     with pytest.raises(ValueError, match=msg):
         tiny(randomize=False, **kw)
+
+
+# ----- Text-to-image U-ViT (baofff/U-ViT libs/uvit_t2i.py, configs/mscoco_uvit_small.py @ ce55170) -----
+
+# Built with the official class on the meta device: total parameters, state_dict keys, per-module counts of S/2.
+T2I_COUNTS = {"U-ViT-S/2-T2I": (44_692_644, 166), "U-ViT-S/2-Deep-T2I": (58_345_636, 214)}
+T2I_S2_MODULES = {"pos_embed": 171_008, "patch_embed": 8_704, "context_embed": 393_728, "in_blocks": 18_905_088,
+                  "mid_block": 3_150_848, "out_blocks": 22_053_888, "norm": 1_024, "decoder_pred": 8_208,
+                  "final_layer": 148}
+
+
+def t2i_layout(depth):
+    """Official uvit_t2i state_dict (key -> shape, in order): the unconditional 4-channel U-ViT's with context_embed
+    right after patch_embed and 1 + 77 + 256 = 334 pos_embed rows."""
+    base = list(official_layout(512, depth, 4, 2, 334, 0, True).items())
+    return dict(base[:3] + [("context_embed.weight", [512, 768]), ("context_embed.bias", [512])] + base[3:])
+
+
+@pytest.mark.parametrize("name", sorted(T2I_COUNTS))
+def test_t2i_param_counts_and_key_layout(name):
+    with torch.device("meta"):
+        m = MODELS[name]()
+    total, keys = T2I_COUNTS[name]
+    assert isinstance(m, TextUViT) and n_params(m) == total and len(m.state_dict()) == keys
+    assert list(layout(m).items()) == list(t2i_layout(m.depth).items())  # names, shapes and order
+    assert m.extras == 78 and list(m.pos_embed.shape) == [1, 334, 512] and "null_context" not in m.state_dict()
+    assert len(m.in_blocks) + 1 + len(m.out_blocks) == m.depth + 1
+    if name == "U-ViT-S/2-T2I":
+        by_module = {k: sum(p.numel() for n, p in m.named_parameters() if n.split(".")[0] == k) for k in T2I_S2_MODULES}
+        assert by_module == T2I_S2_MODULES
+        assert n_params(m) - 393_728 - 77 * 512 == 44_259_492  # = the unconditional 4-channel U-ViT (official)
+
+
+def test_t2i_official_state_dict_loads_strict():
+    with torch.device("meta"):
+        m = MODELS["U-ViT-S/2-T2I"]()
+        sd = {k: torch.empty(s) for k, s in t2i_layout(12).items()}  # stands in for mscoco_uvit_small.pth
+    m.load_state_dict(sd, strict=True, assign=True)
+    with pytest.raises(RuntimeError):  # a label table is unexpected
+        m.load_state_dict({**sd, "label_emb.weight": torch.empty(1, device="meta")}, strict=True, assign=True)
+
+
+def t2i_tiny(**kw):
+    return TextUViT(**{**dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4,
+                              clip_dim=16, num_clip_token=5), **kw})
+
+
+def test_t2i_matches_official_forward():
+    """Official libs/uvit_t2i.py UViT(img_size=8, patch_size=2, in_chans=4, embed_dim=32, depth=4, num_heads=4,
+    mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, clip_dim=16, num_clip_token=5), its state_dict filled in order
+    with 0.2 * randn (Generator seed 0), run in a throwaway environment (PyTorch 2.13 CPU, its SDPA path) on the
+    inputs below; these are its outputs."""
+    g = torch.Generator().manual_seed(1)
+    x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 770]), torch.randn(2, 5, 16, generator=g)
+    m = t2i_tiny().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for v in m.state_dict().values():
+            v.copy_(torch.randn(v.shape, generator=g) * 0.2)
+        out = m(x, t, context)
+    first = [0.48588237166404724, 0.3808528780937195, 0.422514408826828, 0.48841553926467896, -0.29666703939437866,
+             -0.565527617931366, -0.37421345710754395, -0.3807678818702698, -0.0535823255777359, 0.28369641304016113,
+             0.060921572148799896, 0.13853061199188232, 0.45147138833999634, 0.3735002875328064, 0.3720549941062927,
+             0.05863675847649574]
+    last = [0.5814518928527832, 0.08302147686481476, 0.5219880938529968, -0.07410129904747009, 0.020911991596221924,
+            -0.288613885641098, -0.09845037758350372, -0.30990102887153625, 0.20919978618621826, 0.7132174968719482,
+            0.6432758569717407, 0.6266629099845886, 0.05063984915614128, -0.3253178000450134, -0.04721817374229431,
+            -0.2534465789794922]
+    torch.testing.assert_close(out[0, :, 0, :4].flatten(), torch.tensor(first), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1, :, -1, -4:].flatten(), torch.tensor(last), rtol=1e-5, atol=1e-5)
+    assert out.sum().item() == pytest.approx(52.97315216064453, abs=1e-3)
+    assert out.abs().sum().item() == pytest.approx(176.9755096435547, abs=1e-3)
+
+
+def test_t2i_token_order_and_shared_layers():
+    m = t2i_tiny().double().eval()
+    assert all(type(b) is Block for b in [*m.in_blocks, m.mid_block, *m.out_blocks])  # UViT's blocks and skips
+    assert m.class_cond is False and m.null_label is None and m.text_cond and m.label_emb is None
+    seen = {}
+    m.in_blocks[0].register_forward_hook(lambda mod, inp, out: seen.setdefault("tokens", inp[0]))
+    x, t, c = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([5, 700]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        m(x, t, c)
+        tok, pe = seen["tokens"], m.pos_embed[0]
+        patches = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(tok[:, 0], timestep_embedding(t, 32).double() + pe[0])  # index 0: time
+        torch.testing.assert_close(tok[:, 1:6], m.context_embed(c.double()) + pe[1:6])  # 1..77: context
+        torch.testing.assert_close(tok[:, 6:], patches + pe[6:])  # then the patches
+    assert tok.shape == (2, 1 + 5 + 16, 32)
+
+
+def test_t2i_null_context_and_dropout():
+    torch.manual_seed(0)
+    m = t2i_tiny(class_dropout_prob=0.5)
+    m.null_context.copy_(torch.randn(5, 16))  # the caller sets CLIP("")
+    x, t, c = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3]), torch.randn(3, 5, 16)
+    m.eval()
+    with torch.no_grad():
+        empty = m(x, t, m.null_context.expand(3, -1, -1))
+        torch.testing.assert_close(m(x, t), empty)  # y=None: the empty prompt
+        dropped = m(x, t, c, force_drop_ids=torch.tensor([1, 0, 1]))
+        torch.testing.assert_close(dropped[[0, 2]], empty[[0, 2]])
+        torch.testing.assert_close(dropped[1], m(x, t, c)[1])
+        assert torch.equal(m(x, t, c), m(x, t, c))  # eval: no dropout
+    m.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        a = m(x.repeat(200, 1, 1, 1), t.repeat(200), c.repeat(200, 1, 1))
+        cond, unc = m.eval()(x, t, c), m(x, t)
+    per = a.reshape(200, 3, -1)
+    is_unc = (per - unc.reshape(1, 3, -1)).abs().amax(-1) < 1e-5
+    assert (is_unc | ((per - cond.reshape(1, 3, -1)).abs().amax(-1) < 1e-5)).all()
+    assert 0.4 < is_unc.float().mean().item() < 0.6
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(num_classes=10), "num_classes must be 0"), (dict(clip_dim=0), "clip_dim"),
+                                    (dict(depth=3), "even")])
+def test_t2i_bad_constructor_args(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        t2i_tiny(**kw)
+
+
+def test_t2i_check_inputs_one_line_errors():
+    m = t2i_tiny()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    check_inputs(m, x, t, torch.randn(2, 5, 16))
+    check_inputs(m, x, t, None)  # the empty prompt
+    for y in (torch.randn(2, 77, 768), torch.randn(1, 5, 16), torch.tensor([1, 2]), torch.zeros(2, 5, 16).long()):
+        with pytest.raises(RunError, match=r"text-conditioned model: y must be a float context of shape \(2, 5, 16\)"):
+            check_inputs(m, x, t, y)
+
+
+@pytest.mark.parametrize("name", sorted(T2I_COUNTS))
+def test_t2i_official_release_recognised(name):
+    import official  # the released mscoco_uvit_small(_deep).pth: a bare state_dict of these keys
+    with torch.device("meta"):
+        sd = MODELS[name]().state_dict()
+        spec = official.recognise(sd, "mscoco_uvit_small.pth")
+        m = MODELS[spec["model_name"]](**spec["model_kwargs"])
+    assert spec["model_name"] == name and isinstance(m, TextUViT) and n_params(m) == T2I_COUNTS[name][0]
+    m.load_state_dict(sd, strict=True, assign=True)
+    assert spec["defaults"]["cfg_scale"] == 2.0 and spec["text"]["latent_scale"] == 0.23010  # their scale 1 = our 2
+    assert spec["diffusion"]["schedule"] == "scaled_linear" and spec["time_offset"] == 1

@@ -1,7 +1,9 @@
 """
 The Stable Diffusion VAE (vae.py): the exact diffusers layout and parameter count of sd-vae-ft-ema/-mse (on the
 meta device), every checkpoint route giving bit-identical outputs, the CompVis/LDM <-> diffusers name map both
-ways, the attention maths, and the errors a user sees for bad input. Tiny configs only; nothing is downloaded.
+ways, the attention maths, and the errors a user sees for bad input (malformed configs, non-finite weights, hostile
+pickles: one line, nothing allocated, no code run), the content fingerprint, and the decoding checks against what made
+the latents. Tiny configs only; nothing is downloaded.
 The safetensors reader and writer (safetensors_io.py): test_safetensors_io.py.
 """
 import json
@@ -296,3 +298,82 @@ def test_strict_loading(problem, tmp_path):
 def test_vae_keeps_the_safetensors_names():
     """vae.load_safetensors / vae.save_safetensors stay importable where they were."""
     assert vae.load_safetensors is load_safetensors and vae.save_safetensors is save_safetensors
+
+
+# ----- Hostile and malformed files: one line, nothing allocated, no code run -----
+
+BAD_CONFIGS = {  # config entry -> what the message names
+    "norm_num_groups=0": (dict(norm_num_groups=0), "norm_num_groups=0"),
+    "latent_channels<0": (dict(latent_channels=-4), "latent_channels=-4"),
+    "huge widths": (dict(block_out_channels=[1e9, 1e9]), r"block_out_channels=\[1000000000.0, 1000000000.0\]"),
+    "widths too large": (dict(block_out_channels=[65536, 65536], norm_num_groups=1), "would have about"),
+    "widths a string": (dict(block_out_channels="abc"), "block_out_channels='abc'"),
+    "layers a float": (dict(layers_per_block=1.5), "layers_per_block=1.5"),
+    "channels a bool": (dict(in_channels=True), "in_channels=True"),
+    "scaling abc": (dict(scaling_factor="abc"), "scaling_factor='abc' must be a finite number > 0"),
+    "scaling NaN": (dict(scaling_factor=float("nan")), "scaling_factor=nan must be a finite number > 0"),
+    "scaling 0": (dict(scaling_factor=0), "scaling_factor=0 must be a finite number > 0"),
+    "shift abc": (dict(shift_factor="abc"), "shift_factor='abc' must be a finite number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_numbers_are_one_line_before_anything_is_allocated(case, tmp_path):
+    change, expect = BAD_CONFIGS[case]
+    folder = write_folder(tmp_path / "vae", tiny().state_dict(), {**TINY, **change}, ".safetensors")
+    with pytest.raises(RunError, match=f"config.json: cannot build the AutoencoderKL: .*{expect}") as e:
+        load_vae(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    sd = dict(tiny().state_dict())
+    sd["decoder.conv_out.weight"] = sd["decoder.conv_out.weight"].clone()
+    sd["decoder.conv_out.weight"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(RunError, match="weight decoder.conv_out.weight holds non-finite values"):
+        load_vae(write_folder(tmp_path / "vae", sd, TINY, ".safetensors"))
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, on the raw protocol-4 pickle
+def test_hostile_pickles_are_refused_as_code_without_advice(tmp_path, capsys):
+    import pickle
+    zipped, raw = tmp_path / "zip.pt", tmp_path / "raw.bin"
+    torch.save({"encoder.conv_in.weight": Evil()}, zipped)
+    raw.write_bytes(pickle.dumps(Evil(), protocol=4))
+    for path in (zipped, raw):
+        with pytest.raises(RunError) as e:
+            load_vae(path)
+        msg = str(e.value)
+        assert "not a plain tensor file (would run code: " in msg and "print)" in msg and "needs code" in msg
+        assert "\x1b" not in msg and "weights_only" not in msg and "\n" not in msg
+    assert "never run" not in capsys.readouterr().out
+
+
+def test_fingerprint_is_the_content_of_config_and_weights(tmp_path):
+    import hashlib
+    folder = write_folder(tmp_path / "vae", tiny().state_dict(), TINY, ".safetensors")
+    files = [folder / "config.json", folder / "diffusion_pytorch_model.safetensors"]
+    assert load_vae(folder).sha256 == hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    save_safetensors(tiny(seed=1).state_dict(), str(files[1]))  # same path, other content: another identity
+    assert load_vae(folder).sha256 == hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
+def test_decoding_checks_what_made_the_latents(tmp_path, capsys):
+    """Another downsampling factor is refused naming both sides; another VAE of the same kind is noted."""
+    folder = write_folder(tmp_path / "vae", tiny().state_dict(), TINY, ".safetensors")  # 2x, 4 channels
+    made = load_vae(folder)
+    decode, size = vae.latent_decoder(str(folder), 4, 8, "cpu", latents={"pixel_size": 16, "latents_vae": made.sha256,
+                                                                         "scaling_factor": made.scaling_factor})
+    assert size == 16 and decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 16, 16)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(RunError, match=r"downsamples 2x \(8px latents -> 16px images\) but the latents were made "
+                                       r"from 64px images"):
+        vae.latent_decoder(str(folder), 4, 8, "cpu", latents={"pixel_size": 64})
+    vae.latent_decoder(str(folder), 4, 8, "cpu", latents={"pixel_size": 16, "latents_vae": "0" * 64})
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"not the one that made the latents ({'0' * 12})" in out and made.sha256[:12] in out

@@ -3,6 +3,7 @@ Train a diffusion transformer (DiT, U-ViT, DiffiT, GenViT) on CIFAR-10, an image
 on one GPU (or the CPU) with each paper's recipe; resumable, with an EMA model, sample grids and logs.
 
   python train_cifar.py --backbone uvit                 # U-ViT-S/2, U-ViT's CIFAR-10 recipe (unconditional)
+                                                        # (no GPU: U-ViT-Tiny's CPU recipe, ~15 min; --paper-recipe)
   python train_cifar.py --backbone dit --class-cond     # DiT-S/2, class-conditional with label dropout for CFG
   python train_cifar.py --backbone genvit --hybvit      # HybViT: GenViT + its classifier, test accuracy logged
   python train_cifar.py --backbone dit --dataset folder --data-dir ~/pets --image-size 64 --model DiT-S/4
@@ -11,8 +12,9 @@ on one GPU (or the CPU) with each paper's recipe; resumable, with an EMA model, 
 Many GPUs (or CPU processes): torchrun --nproc_per_node N train_cifar.py ... trains the same run with
 DistributedDataParallel; --batch-size stays the global batch (README, "Many GPUs").
 
-Rerunning the same command resumes from <out-dir>/latest.pt (--resume auto, the default). Everything a run
-writes goes into --out-dir: latest.pt, ckpt_XXXXXXX.pt, log.jsonl, loss.png, samples/step_XXXXXXX_ema.png.
+Rerunning the same command resumes from <out-dir>/latest.pt (--resume auto, the default), saved every --ckpt-every
+steps and every --ckpt-minutes. Everything a run writes goes into --out-dir: latest.pt, ckpt_XXXXXXX.pt,
+log.jsonl, loss.png, samples/step_XXXXXXX_ema.png.
 """
 import argparse
 import ast
@@ -21,27 +23,29 @@ import json
 import math
 import os
 import random
+import re
 
 import numpy as np
 import torch
 
 from backbones import BACKBONES, build_model
 from checkpoints import check_compatible, load_checkpoint, plain
-from data import Batches, LatentFolder, load_dataset
-from devices import autocast_forward, check_precision, default_precision, start_processes
+from data import Batches, LatentFolder, latents_provenance, load_dataset
+from devices import autocast_forward, check_batch_memory, check_precision, default_precision, out_of_memory
+from devices import start_processes
 from diffusion import FORMULATIONS, LOSS_TYPES, PREDICTIONS, SCHEDULES, make_diffusion
 from errors import RunError
 from evaluation import evaluate, fid_evaluator
 from files import atomic_write, check_dir
 from hybvit import HybViT
-from recipes import paper_recipe, resolve
+from recipes import CPU_RECIPES, paper_recipe, recipe_flags, resolve
 from runs import Run, StopOnSignal, TrainLog, prepare_folder, resume_path
-from training import learning_rate, step_draws, train_step, update_ema
+from training import ema_decay, learning_rate, step_draws, train_step, update_ema
 from vae import latent_decoder
 
-# What 2 CPU cores train in about 30 minutes (measured: README, "What a CPU can do").
-CPU_COMMAND = ("python train_cifar.py --backbone dit --model DiT-Tiny --batch-size 32 --lr 3e-4 --steps 800 "
-               "--ema-decay 0.995 --sample-every 400")
+# Where no GPU is visible this trains the backbone's CPU recipe (about 15 minutes on 2 cores: README, "What a CPU
+# can do"); on a GPU, the paper's.
+CPU_COMMAND = "python train_cifar.py --backbone {backbone}"
 
 
 # ----- Arguments -----
@@ -51,12 +55,17 @@ def model_arg(text):
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. depth=6), got {text!r}")
+    if key in OWN_FLAGS:  # else passed twice, or silently at odds with the diffusion or the data
+        raise argparse.ArgumentTypeError(f"{key} is set by {OWN_FLAGS[key]}, not --model-arg")
     try:
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return key, value
 
 
+OWN_FLAGS = {"attention": "--attention sdpa|math", "grad_checkpoint": "--grad-checkpoint",
+             "learn_sigma": "--learn-sigma", "num_classes": "the data's classes (--class-cond)",
+             "class_dropout_prob": "--class-dropout"}
 RECIPE = "default: the backbone's recipe"  # flags left unset (None) take the backbone's recipe (recipes.py)
 BOOL = argparse.BooleanOptionalAction
 # Every flag, in --help order: flag -> add_argument keywords.
@@ -64,6 +73,8 @@ FLAGS = {
     # model and data
     "--backbone": dict(required=True, choices=list(BACKBONES), help="model family"),
     "--model": dict(help="name in the backbone's MODELS registry (default: the recipe's)"),
+    "--paper-recipe": dict(action="store_true", help="the paper's recipe even where no GPU is visible (default "
+                                                    "there for CIFAR-10: the CPU-sized recipe, recipes.py)"),
     "--model-arg": dict(type=model_arg, action="append", default=[], metavar="KEY=VALUE",
                         help="constructor override, repeatable (e.g. --model-arg depth=6)"),
     "--dataset": dict(default="cifar10", choices=["cifar10", "folder", "latents"]),
@@ -95,6 +106,8 @@ FLAGS = {
     "--warmup": dict(type=int, help=RECIPE),
     "--grad-clip": dict(type=float, help=RECIPE),
     "--ema-decay": dict(type=float, help=RECIPE),
+    "--ema-rampup": dict(type=float, help="EDM's EMA ramp-up: the EMA half-life is at most this fraction of the "
+                                          "images seen (0 = off; default 0.05, EDM's)"),
     "--betas": dict(type=float, nargs=2, help="AdamW betas (default: the recipe's)"),
     "--lr-schedule": dict(choices=["constant", "cosine"], help="after the linear warm-up: constant (DiT, U-ViT) or "
                                                                "cosine decay to --min-lr (GenViT)"),
@@ -117,11 +130,15 @@ FLAGS = {
     "--out-dir": dict(help="default: runs/<backbone>-<model>-<dataset>"),
     "--resume": dict(default="auto", help="auto (latest.pt in --out-dir if any), never, or a checkpoint path"),
     "--log-every": dict(type=int, default=100),
-    "--sample-every": dict(type=int, default=5000, help="0 = no sample grids"),
+    "--sample-every": dict(type=int, help="0 = no sample grids (default: 5000; the CPU recipes': half the run)"),
     "--sampler": dict(help="sampler for grids and FID: ddpm / ddim / dpm++2m (ddpm), heun / euler (edm), "
                            "euler / heun / sde (flow); default: the recipe's"),
     "--sample-steps": dict(type=int, help="default: the recipe's, else the sampler's usual count"),
-    "--ckpt-every": dict(type=int, default=5000),
+    "--grid-cfg-scale": dict(type=float, help="classifier-free guidance of class-conditional grids (default 1: none; "
+                                              "the CPU recipes' 3)"),
+    "--ckpt-every": dict(type=int, help="latest.pt every this many steps (default: 5000; CPU recipes: fewer)"),
+    "--ckpt-minutes": dict(type=float, default=10.0, help="also save latest.pt after this many minutes of training "
+                                                          "since the last checkpoint (0 = by steps only)"),
     "--keep-every": dict(type=int, help="also keep ckpt_XXXXXXX.pt every this many steps (0 = never; default 10 x "
                                         "--ckpt-every)"),
     "--fid-every": dict(type=int, default=0, help="FID of the EMA model every this many steps (0 = never)"),
@@ -130,13 +147,13 @@ FLAGS = {
 }
 
 
-def parse_args(argv=None):
-    """FLAGS parsed, unset ones from the backbone's recipe (recipes.resolve), then range-checked."""
+def parse_args(argv=None, gpu=True):
+    """FLAGS parsed, unset ones from the backbone's recipe (recipes.resolve; gpu False: the CPU one), range-checked."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     for flag, kwargs in FLAGS.items():
         p.add_argument(flag, **kwargs)
     try:
-        args = resolve(p.parse_args(argv))
+        args = resolve(p.parse_args(argv), gpu)
     except RunError as e:
         p.error(str(e))
     for ok, msg in [  # in this order: the first failing check is reported
@@ -152,8 +169,8 @@ def parse_args(argv=None):
             (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (args.image_size >= 1, "--image-size must be >= 1"), (args.warmup >= 0, "--warmup must be >= 0"),
             (min(args.log_every, args.ckpt_every) >= 1, "--log-every and --ckpt-every must be >= 1"),
-            (min(args.sample_every, args.keep_every, args.fid_every) >= 0,
-             "--sample-every, --keep-every and --fid-every must be >= 0"),
+            (min(args.sample_every, args.keep_every, args.fid_every, args.ema_rampup, args.ckpt_minutes) >= 0,
+             "--sample-every, --keep-every, --fid-every, --ema-rampup and --ckpt-minutes must be >= 0"),
             (args.fid_samples >= 2, "--fid-samples must be >= 2"),
             (args.keep_every % args.ckpt_every == 0, f"--keep-every {args.keep_every} must be a multiple of "
              f"--ckpt-every {args.ckpt_every} (kept checkpoints are copies of a checkpoint step)"),
@@ -164,17 +181,35 @@ def parse_args(argv=None):
 
 
 def default_out_dir(args):
-    """runs/<backbone>-<model>-<data>[-cond]."""
+    """runs/<backbone>-<model>-<data>[-cond], then whatever else makes another run: a formulation other than the
+    recipe's, -hybvit, each --model-arg (recipe's or flag's) as key=value. A run that an older version wrote under
+    the name without them continues there when its config.json holds the same settings."""
     data_name = "cifar10"
     if args.dataset != "cifar10":
         data_name = os.path.splitext(os.path.basename(os.path.normpath(args.data_dir)))[0]
     cond = "-cond" if args.class_cond else ""
-    return os.path.join("runs", f"{args.backbone}-{args.model.replace('/', '-')}-{data_name}{cond}")
+    old = os.path.join("runs", f"{args.backbone}-{args.model.replace('/', '-')}-{data_name}{cond}")
+    extra = [args.formulation] * (args.formulation != paper_recipe(args.backbone, args.dataset)["formulation"])
+    extra += ["hybvit"] * args.hybvit + [re.sub(r"[^\w.,=+-]", "", f"{k}={v}")
+                                       for k, v in sorted(args.model_arg.items())]
+    new = "-".join([old] + extra)
+    return old if extra and not os.path.exists(new) and same_settings(old, args) else new
+
+
+def same_settings(folder, args):
+    """Whether folder holds a run (latest.pt) whose config.json has args' formulation, --hybvit and --model-arg."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            old = json.load(f)["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    settings = (args.formulation, args.hybvit, plain(args.model_arg))
+    return os.path.exists(os.path.join(folder, "latest.pt")) and settings == (
+        old.get("formulation", "ddpm"), bool(old.get("hybvit")), old.get("model_arg", {}))
 
 
 def load_data(args):
-    """-> (args completed by the data, uint8 images or float latents (N, C, H, W), int64 labels (N,) or None, class
-    names). Latents fix the size and flips; extract_latents.py folders with classes are class-conditional."""
+    """-> (args completed by the data, images or latents (N, C, H, W), labels (N,) or None, class names)."""
     x, y, names = load_dataset(args.dataset, args.data_dir, args.image_size, args.cifar_url)
     latents = {"image_size": x.shape[-1], "flip": False} if args.dataset == "latents" else {}
     class_cond = isinstance(x, LatentFolder) and bool(names) if args.class_cond is None else args.class_cond
@@ -191,8 +226,7 @@ def load_data(args):
 # ----- Setup: everything checked and built before anything is written -----
 
 def setup(args, procs=None, device=None):
-    """-> (Run, its Batches, FID function or None, HybViT or None), the Run's args completed by the device and
-    data. procs, device: from start_processes (default: one process on --device)."""
+    """-> (Run, its Batches, FID function or None, HybViT or None); procs, device: from start_processes."""
     out_dir = args.out_dir or default_out_dir(args)
     check_dir(out_dir, "--out-dir")  # before any download or model build
     if procs is None:
@@ -203,8 +237,8 @@ def setup(args, procs=None, device=None):
     check_precision(args.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 (DiT train.py)
-    if device.type == "cpu" and args.steps >= 100_000:
-        note_cpu_recipe(args)
+    if device.type == "cpu" and (args.recipe == "cpu" or args.steps >= 100_000):
+        note_recipe(args)
     ckpt_path = resume_path(args.resume, out_dir)
     ckpt = load_checkpoint(ckpt_path, resume=True) if ckpt_path else None  # before any download or decoding
     torch.manual_seed(args.seed)
@@ -225,6 +259,8 @@ def setup(args, procs=None, device=None):
                         **kwargs)
     if args.model_arg:  # only an override can make the model disagree with the data
         check_geometry(model, x, args.model)
+    if args.batch_size > 1024:  # beyond every recipe's batch: measured first (on a CPU an OOM kill says nothing)
+        check_batch_memory(model, (args.batch_size // procs.world, *x.shape[1:]), device, args.precision)
     recorded = {"formulation": args.formulation, "loss_type": args.loss_type}  # what make_diffusion rebuilds it from
     if args.formulation == "ddpm":
         recorded.update(schedule=args.schedule, timesteps=1000, prediction=args.prediction,
@@ -233,7 +269,7 @@ def setup(args, procs=None, device=None):
     config = {"backbone": args.backbone, "model_name": args.model, "model_kwargs": plain(kwargs), "data": meta,
               "diffusion": recorded}
     if ckpt is not None:
-        check_compatible(ckpt, config, ckpt_path)
+        args = as_trained(args, ckpt, config, ckpt_path)
     decode = None if meta["pixels"] else latent_decode(args, meta, device)
     fid_score = fid_evaluator(args, meta, diffusion, device, decode, procs) if args.fid_every else None
     model.to(device)
@@ -259,10 +295,32 @@ def check_processes(args, procs):
         raise RunError("--hybvit runs in one process (its classifier pass is outside DDP's forward); drop torchrun")
 
 
-def note_cpu_recipe(args):
-    if args.model == paper_recipe(args.backbone, args.dataset)["model"]:
-        print(f"note: {args.model} for {args.steps:,} steps at batch {args.batch_size} is the paper's GPU recipe "
-              f"and would run for months on a CPU. A CPU-sized run (about 30 min on 2 cores):\n  {CPU_COMMAND}")
+def note_recipe(args):
+    """On a CPU: the one line saying that the CPU recipe runs, or that the paper's would take months (and what fits)."""
+    paper = paper_recipe(args.backbone, args.dataset)
+    if args.recipe == "cpu":
+        print(f"no GPU: the CPU-sized recipe ({args.model} at batch {args.batch_size} for {args.steps:,} steps, about "
+              f"15 min on 2 cores; recipes.py CPU_RECIPES); --paper-recipe trains the paper's {paper['model']} for "
+              f"{paper['steps']:,} steps")
+    elif args.model == paper["model"]:
+        cpu = CPU_COMMAND.format(backbone=args.backbone)
+        plain_cpu = f"where no GPU is visible `{cpu}` trains the CPU-sized recipe (about 15 min on 2 cores); "
+        if args.dataset != "cifar10":  # the CPU recipe is CIFAR-10's: its sizes, spelled out, on these data
+            cpu, plain_cpu = f"{cpu} --dataset {args.dataset} --data-dir {args.data_dir}", ""
+        spelled = recipe_flags({k: v for k, v in CPU_RECIPES[args.backbone].items() if k != "class_cond"
+                                or args.dataset == "cifar10"}, paper)
+        print(f"note: {args.model} for {args.steps:,} steps at batch {args.batch_size} is the paper's GPU recipe and "
+              f"would run for months on a CPU; {plain_cpu}spelled out for any machine:\n  {cpu}{spelled}")
+
+
+def as_trained(args, ckpt, config, path):
+    """args for continuing ckpt's run: the same config and HybViT objective (else a one-line refusal); a checkpoint
+    written before the EMA ramp-up existed continues without one, as it was trained."""
+    check_compatible({**ckpt, "hybvit": bool(ckpt["args"].get("hybvit"))}, {**config, "hybvit": args.hybvit}, path)
+    if "ema_rampup" in ckpt["args"]:
+        return args
+    print(f"note: {path} predates the EMA ramp-up (--ema-rampup); it continues with a constant --ema-decay, as before")
+    return argparse.Namespace(**{**vars(args), "ema_rampup": 0.0})
 
 
 def check_geometry(model, x, name):
@@ -273,16 +331,18 @@ def check_geometry(model, x, name):
 
 
 def latent_meta(args, x):
-    """What decodes the latents' samples (sample.py reads it too): the VAE, and a latent folder's pixel size."""
+    """What decodes the latents' samples (sample.py reads it too): the VAE, and a latent folder's pixel size; and
+    what the latents are and what made them (data.latents_provenance), which a resume must match."""
     if isinstance(x, LatentFolder):
-        return {"vae": args.vae or x.meta.get("vae"), "pixel_size": x.meta["image_size"]}
-    return {"vae": args.vae}
+        return {"vae": args.vae or x.meta.get("vae"), "pixel_size": x.meta["image_size"],
+                **latents_provenance(args.data_dir, x)}
+    return {"vae": args.vae, **latents_provenance(args.data_dir, x)}
 
 
 def latent_decode(args, meta, device):
     """Latents: the VAE decoder for grids and FID, or None (with a note) when no VAE is known."""
     if meta.get("vae"):
-        return latent_decoder(meta["vae"], meta["channels"], meta["image_size"], device)[0]
+        return latent_decoder(meta["vae"], meta["channels"], meta["image_size"], device, latents=meta)[0]
     if args.sample_every:
         print("note: no VAE is known for these latents (--vae), so no sample grids are drawn")
     return None
@@ -313,18 +373,19 @@ def train(run, batches, fid_score=None, hybvit=None):
             joint = hybvit.joint(run.step) if hybvit else None  # HybViT: + cross-entropy on a second batch
             terms, gnorm = train_step(fwd, run.diffusion, run.opt, run.scaler, params, x, y, args.grad_clip, joint,
                                       t=draws.t, noise=draws.noise, drop=draws.drop)
-            update_ema(run.ema, model, args.ema_decay)
+            update_ema(run.ema, model, ema_decay(args, run.step))
             run.step += 1
             log.add(terms, gnorm)
             stopping = procs.any(stop.signum is not None)  # a signal on any process stops all after this step
-            if run.step % args.log_every == 0 or run.step == args.steps or stopping:
+            timed = procs.any(0 < 60 * args.ckpt_minutes <= log.elapsed() - run.saved_at)  # by time, on all ranks
+            if run.step % args.log_every == 0 or run.step == args.steps or stopping or timed:
                 log.write(lr)
             if not stopping and (args.sample_every or fid_score):
                 evaluate(run, log, stop, fid_score)  # the grid / FID when due; a stop request abandons them
             if hybvit:
                 hybvit.evaluate(run, log)  # test accuracy at checkpoint steps
             stopping = stopping or (procs.world == 1 and stop.signum is not None)  # e.g. during the grid
-            if run.step % args.ckpt_every == 0 or run.step == args.steps or stopping:
+            if run.step % args.ckpt_every == 0 or run.step == args.steps or stopping or timed:
                 run.check_finite(log.unlogged(), weights=True)
                 run.save(log.elapsed())
     if run.step < args.steps:
@@ -336,26 +397,32 @@ def train(run, batches, fid_score=None, hybvit=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    procs = None
+    args = parse_args(argv, gpu=torch.cuda.is_available())
+    procs = training = lock = None
     try:
         procs, device = start_processes(args.device)
         run, batches, fid_score, hybvit = setup(args, procs, device)
-        if procs.main:  # the folder, config.json; then every process trains
-            prepare_folder(run.out_dir)
+        if procs.main:  # the folder (locked: one writer), config.json; then every process trains
+            lock = prepare_folder(run.out_dir)
             n_params = sum(p.numel() for p in run.model.parameters())
             print(f"model: {run.args.backbone} {run.args.model}, {n_params:,} parameters; precision "
                   f"{run.args.precision} on {run.device}\nrun directory: {os.path.abspath(run.out_dir)}")
             config = json.dumps({"args": plain(vars(run.args)), "parameters": n_params, **run.config}, indent=1)
             atomic_write(os.path.join(run.out_dir, "config.json"), lambda f: f.write(config.encode()))
+        training = True  # from here a first Ctrl-C saves a checkpoint and a second one stops at once
         finished = train(run, batches, fid_score, hybvit)
     except RunError as e:
         raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, the last checkpoint stays as it was
-        raise SystemExit("stopped at once (second Ctrl-C); rerun the command to resume from the last checkpoint")
+    except (MemoryError, RuntimeError) as e:  # out of memory (CUDA's or the CPU allocator's): one line
+        raise SystemExit(out_of_memory(e, args.batch_size)) if out_of_memory(e, args.batch_size) else e
+    except KeyboardInterrupt:  # before training: the first Ctrl-C; while training: a second one
+        raise SystemExit("stopped at once (second Ctrl-C); rerun the command to resume from the last checkpoint"
+                         if training else "stopped before training began (Ctrl-C); rerun the command to start")
     finally:
         if procs is not None:
             procs.close()
+        if lock is not None:  # the run folder's lock (files.lock_folder): released with its descriptor
+            os.close(lock)
     if not finished:
         raise SystemExit(f"interrupted at step {run.step}; checkpoint saved to {run.latest}; rerun the command to "
                          "resume")

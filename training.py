@@ -1,5 +1,5 @@
 """One training step and what it needs: the learning rate, the step's random draws, the loss and optimizer step,
-the EMA, and the non-finite checks (train_cifar.py's loop; bench.py times the same step)."""
+the EMA and its ramp-up, and the non-finite checks (train_cifar.py's loop; bench.py times the same step)."""
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -48,8 +48,8 @@ def step_draws(diffusion, step, seed, shape, part, device, label_dropout=0.0, la
 
 def train_step(fwd, diffusion, opt, scaler, params, x, y=None, grad_clip=0.0, joint=None, t=None, noise=None,
                drop=None):
-    """One optimizer step on the diffusion loss (DDPM Alg. 1) -> (loss terms, grad norm before clipping). t, noise,
-    drop fix the step's randomness; joint(loss, terms) -> loss adds a second objective (HybViT's, hybvit.py)."""
+    """One optimizer step on the diffusion loss (DDPM Alg. 1) -> (loss terms, grad norm before clipping); t, noise,
+    drop: the step's draws; joint(loss, terms) -> loss adds HybViT's objective (hybvit.py)."""
     kwargs = {} if y is None else {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
     terms = diffusion.training_losses(fwd, x, t, noise, model_kwargs=kwargs or None)
     loss = terms["loss"].mean()
@@ -63,6 +63,13 @@ def train_step(fwd, diffusion, opt, scaler, params, x, y=None, grad_clip=0.0, jo
     scaler.step(opt)
     scaler.update()
     return terms, gnorm
+
+
+def ema_decay(args, step):
+    """EDM's EMA ramp-up (training_loop.py @ 008a4e5): min(--ema-decay, 0.5 ^ (1 / (--ema-rampup x step)))."""
+    if not args.ema_rampup:
+        return args.ema_decay
+    return min(args.ema_decay, 0.5 ** (1 / (args.ema_rampup * step))) if step else 0.0
 
 
 @torch.no_grad()

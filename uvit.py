@@ -4,6 +4,8 @@ U-ViT treats everything as a token (§3.1). The diffusion time, the class label 
 sequence for a plain pre-norm ViT. Long skip connections join shallow and deep blocks (§3.1, Fig. 1). Parameter
 names and shapes follow the official baofff/U-ViT libs/uvit.py, so the released .pth state_dicts load with
 strict=True. The official ImageNet tables have 1001 rows; load them with num_classes=1000 and class_dropout_prob > 0.
+TextUViT is the text-to-image U-ViT (§4.4, MS-COCO; official libs/uvit_t2i.py): the same blocks, skips and head,
+conditioned on 77 CLIP text tokens (clip.py) instead of a label.
 The forward follows README "The backbone contract"; classifier-free guidance is diffusion.classifier_free_guidance.
 The small primitives (timestep_embedding, PatchEmbed, unpatchify, Attention, Mlp, run_block, ...) are written
 identically in dit.py, uvit.py, diffit.py and genvit.py (each file has those it uses), so each file stands alone
@@ -129,7 +131,7 @@ class UViT(nn.Module):
 
     def __init__(self, input_size=32, patch_size=2, in_channels=3, hidden_size=512, depth=12, num_heads=8,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=0, learn_sigma=False, qkv_bias=False,
-                 mlp_time_embed=False, conv=True, skip=True, attention="sdpa", grad_checkpoint=False):
+                 mlp_time_embed=False, conv=True, skip=True, attention="sdpa", grad_checkpoint=False, **condition):
         super().__init__()
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention={attention!r} is not supported; choose one of {ATTENTION_BACKENDS}")
@@ -150,7 +152,6 @@ class UViT(nn.Module):
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.num_classes, self.class_dropout_prob, self.learn_sigma = num_classes, class_dropout_prob, learn_sigma
         self.class_cond, self.attention, self.grad_checkpoint = num_classes > 0, attention, grad_checkpoint
-        self.extras = 2 if num_classes > 0 else 1  # label + time tokens, or time only
         num_patches = (input_size // patch_size) ** 2
         block = partial(Block, hidden_size, num_heads, mlp_ratio, qkv_bias, attention)
 
@@ -158,8 +159,7 @@ class UViT(nn.Module):
         # The time token is the raw sinusoid unless mlp_time_embed (off in every official config).
         self.time_embed = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.SiLU(),
                                         nn.Linear(4 * hidden_size, hidden_size)) if mlp_time_embed else nn.Identity()
-        # With CFG dropout the table gets one extra "null" row at index num_classes (official ImageNet: 1001 rows).
-        self.label_emb = nn.Embedding(num_classes + int(class_dropout_prob > 0), hidden_size) if num_classes else None
+        self.extras = self.init_condition(**condition)  # the conditioning layer; built here for the official key order
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, hidden_size))  # learned
         self.in_blocks = nn.ModuleList([block() for _ in range(depth // 2)])
         self.mid_block = block()
@@ -170,6 +170,13 @@ class UViT(nn.Module):
         # (as official): the net must first learn to undo a random filter, which slows short runs (README).
         self.final_layer = nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1) if conv else nn.Identity()
         self.initialize_weights()
+
+    def init_condition(self):
+        """The label table (None when unconditional) -> the number of tokens before the patches: label + time, or
+        time only. With CFG dropout the table gets one extra "null" row at index num_classes (official: 1001 rows)."""
+        rows = self.num_classes + int(self.class_dropout_prob > 0)
+        self.label_emb = nn.Embedding(rows, self.hidden_size) if self.num_classes else None
+        return 2 if self.num_classes > 0 else 1
 
     @property
     def null_label(self):
@@ -193,11 +200,23 @@ class UViT(nn.Module):
         """CFG label dropout, as LabelEmbedder.token_drop in dit.py: each label becomes the null index num_classes
         with probability class_dropout_prob, or where force_drop_ids == 1. Our addition; the official code drops
         labels in its CFGDataset."""
+        return torch.where(self.drop_mask(labels, force_drop_ids), torch.full_like(labels, self.num_classes), labels)
+
+    def drop_mask(self, y, force_drop_ids=None):
+        """(B,) bool: the samples whose condition is dropped, at random with probability class_dropout_prob, or
+        exactly where force_drop_ids == 1."""
         if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.class_dropout_prob
-        else:
-            drop = force_drop_ids.to(labels.device) == 1
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+            return torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
+        return force_drop_ids.to(y.device) == 1
+
+    def condition_tokens(self, time, y, force_drop_ids):
+        """The tokens before the patches: [label, time] (label first, as official), or [time] when unconditional
+        (y is ignored). Labels are dropped only while training (or when forced)."""
+        if self.label_emb is None:
+            return [time]
+        if (self.training and self.class_dropout_prob > 0) or force_drop_ids is not None:
+            y = self.token_drop(y, force_drop_ids)
+        return [self.label_emb(y)[:, None], time]
 
     def forward(self, x, t, y=None, force_drop_ids=None):
         """x (B, C, H, W), t (B,) network time, y (B,) labels or None -> (B, C_out, H, W);
@@ -208,11 +227,7 @@ class UViT(nn.Module):
         (the official discrete-time H models take an integer n as well); flow matching feeds 999 t, EDM ln(sigma)/4."""
         x = self.patch_embed(x)  # (B, N, D)
         time_token = self.time_embed(timestep_embedding(t, self.hidden_size).to(x.dtype))  # (B, D)
-        tokens = [time_token[:, None], x]
-        if self.label_emb is not None:  # unconditional models ignore y
-            if (self.training and self.class_dropout_prob > 0) or force_drop_ids is not None:
-                y = self.token_drop(y, force_drop_ids)  # drop only while training (or when forced)
-            tokens.insert(0, self.label_emb(y)[:, None])  # label first: [label, time, patches]
+        tokens = self.condition_tokens(time_token[:, None], y, force_drop_ids) + [x]
         x = torch.cat(tokens, dim=1) + self.pos_embed  # (B, L, D), L = extras + N
         skips = []
         for blk in self.in_blocks:
@@ -223,6 +238,37 @@ class UViT(nn.Module):
             x = run_block(self, blk, x, skips.pop())  # LIFO: the deepest in-block feeds the first out-block
         x = self.decoder_pred(self.norm(x))[:, self.extras:]  # drop extra tokens: (B, N, p*p*C_out)
         return self.final_layer(unpatchify(x, self.patch_size, self.out_channels))  # (B, C_out, H, W)
+
+
+class TextUViT(UViT):
+    """Text-to-image U-ViT (U-ViT §4.4, MS-COCO; official libs/uvit_t2i.py): tokens [time, 77 context tokens,
+    patches]. The context is CLIP's last_hidden_state (B, num_clip_token, clip_dim) at every position, padding
+    included (clip.py), each vector mapped by context_embed, a Linear(clip_dim -> D); pos_embed covers all
+    1 + num_clip_token + N tokens. Every block, skip and the head are UViT's.
+
+    forward(x, t, y=None, force_drop_ids=None): y is that context. null_context, the CLIP encoding of the empty
+    prompt (the official unconditional input, its empty_context.npy), is a buffer outside the state_dict, zeros
+    until the caller sets it: y=None means the empty prompt, and dropped samples (probability class_dropout_prob
+    while training, the official p_uncond 0.1, or force_drop_ids == 1) get it instead of their caption."""
+
+    def init_condition(self, clip_dim=768, num_clip_token=77):
+        if self.num_classes:
+            raise ValueError(f"a text-conditioned U-ViT takes no labels: num_classes must be 0, got {self.num_classes}")
+        if clip_dim < 1 or num_clip_token < 1:
+            raise ValueError(f"need clip_dim >= 1 and num_clip_token >= 1, got {clip_dim}, {num_clip_token}")
+        self.clip_dim, self.num_clip_token, self.text_cond = clip_dim, num_clip_token, True
+        self.label_emb = None
+        self.context_embed = nn.Linear(clip_dim, self.hidden_size)
+        self.register_buffer("null_context", torch.zeros(num_clip_token, clip_dim), persistent=False)
+        return 1 + num_clip_token  # time + context tokens
+
+    def condition_tokens(self, time, y, force_drop_ids):
+        """[time, context_embed(y)] (time first, as official); dropped samples and y=None get null_context."""
+        null = self.null_context.to(time.dtype).expand(time.shape[0], -1, -1)
+        context = null if y is None else y.to(time.dtype)
+        if y is not None and ((self.training and self.class_dropout_prob > 0) or force_drop_ids is not None):
+            context = torch.where(self.drop_mask(context, force_drop_ids)[:, None, None], null, context)
+        return [time, self.context_embed(context)]  # (B, 1, D), (B, num_clip_token, D)
 
 
 # ----- Configs (U-ViT Table 2 widths/depths/heads; data settings from the official configs) -----
@@ -249,4 +295,11 @@ MODELS = {
                          num_heads=16, num_classes=1000, class_dropout_prob=0.1, conv=False),  # ImageNet 512 latent
     "U-ViT-Tiny": partial(UViT, input_size=32, patch_size=2, in_channels=3, hidden_size=128, depth=6, num_heads=4,
                           num_classes=0, class_dropout_prob=0.0),  # CPU-sized, CIFAR-10 geometry
+    # MS-COCO 256 text-to-image (configs/mscoco_uvit_small.py; Deep: --config.nnet.depth=16): 4x32x32 SD latents,
+    # CLIP ViT-L/14 context (77 x 768), context dropout 0.1 (the official p_uncond)
+    "U-ViT-S/2-T2I": partial(TextUViT, input_size=32, patch_size=2, in_channels=4, hidden_size=512, depth=12,
+                             num_heads=8, num_classes=0, class_dropout_prob=0.1, clip_dim=768, num_clip_token=77),
+    "U-ViT-S/2-Deep-T2I": partial(TextUViT, input_size=32, patch_size=2, in_channels=4, hidden_size=512, depth=16,
+                                  num_heads=8, num_classes=0, class_dropout_prob=0.1, clip_dim=768,
+                                  num_clip_token=77),
 }

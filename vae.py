@@ -18,6 +18,7 @@ Latents are unscaled everywhere here: callers multiply by `scaling_factor` (0.18
 before decoding, as LDM, DiT's train.py / sample.py and U-ViT do.
 """
 import json
+import math
 import os
 import pickle
 import re
@@ -27,7 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import code_refusal
+from data import check_vae_fits
 from errors import RunError
+from files import sha256_of
 from safetensors_io import load_safetensors, save_safetensors  # noqa: F401  (vae.save_safetensors too)
 
 ATTENTION_BACKENDS = ("sdpa", "math")
@@ -196,6 +200,29 @@ class Decoder(nn.Module):
 
 # ----- The model -----
 
+MAX_COUNT, MAX_PARAMETERS = 2 ** 16, 5e9  # far above any released VAE (SD: 512 channels, 83.65M parameters)
+
+
+def check_numbers(block_out_channels, scaling_factor, shift_factor, **counts):
+    """ValueError, before anything is allocated, for config numbers no autoencoder has: counts that are not integers
+    in 1..2^16, over MAX_PARAMETERS weights, a scaling_factor that is not a finite number > 0."""
+    def count(v):
+        return (type(v) is int or type(v) is float and v.is_integer()) and 1 <= v <= MAX_COUNT
+    bad = [f"{k}={v!r}" for k, v in counts.items() if not count(v)]
+    if not (isinstance(block_out_channels, (list, tuple)) and 1 <= len(block_out_channels) <= 16
+            and all(count(c) for c in block_out_channels)):
+        bad.append(f"block_out_channels={block_out_channels!r}")
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: counts must be integers in 1..{MAX_COUNT}")
+    size = sum(9 * c * c * (4 * counts["layers_per_block"] + 3) for c in block_out_channels)  # ~ the 3x3 convs
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"block_out_channels={list(block_out_channels)} would have about {size:.2g} parameters")
+    for key, v in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)):
+        if not (type(v) in (int, float) and math.isfinite(v) and (v > 0 or key == "shift_factor")
+                or v is None and key == "shift_factor"):
+            raise ValueError(f"{key}={v!r} must be a finite number{' > 0' if key == 'scaling_factor' else ''}")
+
+
 class AutoencoderKL(nn.Module):
     """The KL autoencoder (LDM §3.1), built from the keys of a diffusers config.json. Defaults are diffusers'
     class defaults (what a config that omits a key means); AutoencoderKL(**SD_VAE_CONFIG) is the SD VAE, 83.65M params.
@@ -208,6 +235,9 @@ class AutoencoderKL(nn.Module):
                  force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
                  attention="sdpa", **unknown):
         super().__init__()
+        check_numbers(in_channels=in_channels, out_channels=out_channels, latent_channels=latent_channels,
+                      layers_per_block=layers_per_block, norm_num_groups=norm_num_groups,
+                      block_out_channels=block_out_channels, scaling_factor=scaling_factor, shift_factor=shift_factor)
         chs, n = [int(c) for c in block_out_channels], len(block_out_channels)
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention={attention!r} is not supported; choose one of {ATTENTION_BACKENDS}")
@@ -367,13 +397,10 @@ def _read_state_dict(file):
         try:
             obj = torch.load(file, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-            needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            if needs:
-                raise RunError(f"{file}: this pickle needs code ({needs[1]}) to load, which is refused "
-                               "(weights_only=True); re-save just the tensors (torch.save(model.state_dict(), path)) "
-                               "or use .safetensors") from None
-            raise RunError(f"{file}: torch.load cannot read it as a checkpoint ({type(e).__name__}); "
-                           "re-download or re-save it") from None
+            raise code_refusal(file, e, "this pickle needs code to load, which is refused; re-save just the tensors "
+                                        "(torch.save(model.state_dict(), path)) or use .safetensors") or \
+                RunError(f"{file}: torch.load cannot read it as a checkpoint ({type(e).__name__}); re-download or "
+                         "re-save it") from None
     else:
         raise RunError(f"{file}: unknown checkpoint type {ext!r}; pass a diffusers folder or a .safetensors, "
                        ".bin, .pt, .pth or .ckpt file")
@@ -442,12 +469,18 @@ def load_vae(path, device="cpu", attention="sdpa"):
                        f"names in diffusers form): {'; '.join(problems[:4])}; pass the matching config.json and "
                        "weights, or a complete kl-f8 VAE checkpoint")
     model.load_state_dict(state_dict, strict=True)
+    bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise RunError(f"{file}: weight {bad} holds non-finite values (NaN or inf), which would decode black images; "
+                       "re-download or re-save the VAE")
+    model.sha256 = sha256_of([cfg_path, file] if config is not None else [file])  # its identity, by content
     return model.eval().requires_grad_(False).to(device)
 
 
-def latent_decoder(vae_path, channels, latent_size, device, image_size=None):
+def latent_decoder(vae_path, channels, latent_size, device, image_size=None, latents=None):
     """(decode, image size): images in [-1, 1] = decode(scaled latents), through the SD-VAE at vae_path (latents
-    are divided by its scaling factor first, as DiT's sample.py does); image_size, if given, is checked."""
+    are divided by its scaling factor first, as DiT's sample.py does); image_size, if given, is checked, and so is
+    what made the latents (a checkpoint's data entry, see data.check_vae_fits)."""
     if vae_path and not os.path.exists(vae_path):
         raise RunError(f"the VAE {vae_path} (from --vae, or recorded in the latents' meta.json / the checkpoint) does "
                        "not exist; pass --vae PATH")
@@ -462,9 +495,12 @@ def latent_decoder(vae_path, channels, latent_size, device, image_size=None):
     if image_size is not None and image_size != size:
         raise RunError(f"--image-size {image_size}: this model makes {latent_size}x{latent_size} latents, i.e. "
                        f"{size}x{size} images through a VAE that downsamples {autoencoder.downsample_factor}x")
+    if latents:
+        check_vae_fits(autoencoder, vae_path, latents, latent_size)  # data.py: against what made the latents
 
     @torch.no_grad()
     def decode(z, chunk=16):  # in chunks: a 256x256 decode holds about 240 MB of activations per image in fp32
         parts = [autoencoder.decode(c.float() / autoencoder.scaling_factor).float() for c in z.split(chunk)]
         return torch.cat(parts)  # (B, 3, H, W), about [-1, 1]
     return decode, size
+
