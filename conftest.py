@@ -5,12 +5,14 @@ as it was, weights redrawn at random, a tiny SD-VAE and latents folders, a stand
 exact Gaussian-data oracles that the EDM and flow samplers are tested against.
 Project modules are imported inside the fixtures, so a module that does not import breaks only the tests that use it.
 """
+import contextlib
 import hashlib
 import io
 import json
 import os
 import pickle
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -346,3 +348,17 @@ class TimeIgnoring(torch.nn.Module):
 
     def forward(self, x, t):
         return self.m(x)
+
+
+@contextlib.contextmanager
+def small_disk(path, size):
+    """A tmpfs of `size` bytes at path, where this machine allows mounting (root); else the test is skipped."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]}); the simulated full disk still runs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -23,7 +23,7 @@ from PIL import Image
 
 import extract_latents
 import vae as vae_lib
-from conftest import snapshot
+from conftest import small_disk, snapshot
 from data import _images_under, center_crop_resize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -344,20 +344,6 @@ def test_a_second_extraction_into_a_locked_out_is_refused(tmp_path, tiny_vae):
 
 
 # ----- Full disks and impossible sizes: one line, checked before anything is written -----
-
-@contextlib.contextmanager
-def small_disk(path, size):
-    """A tmpfs of `size` bytes at path, where this machine allows mounting (root); else the test is skipped."""
-    path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                       text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]}); the simulated full disk still runs")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
 
 def test_an_impossible_image_size_is_refused_before_anything_is_written(tmp_path, tiny_vae):
     data = class_folder(tmp_path / "data")

@@ -24,7 +24,7 @@ import files
 import images
 import runs
 import sample
-from conftest import TINY, digest, one_line_error, read_log, same_weights, train
+from conftest import TINY, digest, one_line_error, read_log, same_weights, small_disk, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -115,20 +115,6 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(existi
 
 
 # ----- Full disks: one line, every earlier file byte-identical, no temporary file left -----
-
-@contextlib.contextmanager
-def small_disk(path, size):
-    """A tmpfs of `size` bytes at path, where this machine allows mounting (root); else the test is skipped."""
-    path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                       text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]}); the simulated full disk still runs")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
 
 class FullFile(io.FileIO):
     """A file on a full disk: its name is created, as on a real one, and every write fails with ENOSPC."""
