@@ -16,8 +16,11 @@ import recipes
 import runs
 import sample
 import train_cifar
+from devices import Processes
 from conftest import CPU_ONLY, GENVIT_TINY, C, H, N, a_file, digest, exit_message, image, one_line_error, read_log
 from conftest import same_weights, snapshot, train, write_latents
+
+CPU = torch.device("cpu")
 
 
 # ----- Training end to end -----
@@ -96,7 +99,7 @@ def test_class_conditional_training_and_npz_labels(tmp_path, cifar_dir):
 def test_gpu_recipe_on_a_cpu_prints_the_cpu_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_cifar, "load_data", lambda args: (_ for _ in ()).throw(errors.RunError("stop here")))
     with pytest.raises(errors.RunError, match="stop here"):
-        train_cifar.setup(train_cifar.parse_args(["--backbone", "uvit", "--device", "cpu"]))
+        train_cifar.setup(train_cifar.parse_args(["--backbone", "uvit", "--device", "cpu"]), Processes(), CPU)
     out = capsys.readouterr().out
     assert "paper's GPU recipe" in out and train_cifar.CPU_COMMAND.format(backbone="uvit") in out
 
@@ -123,7 +126,8 @@ def test_cpu_notes_fit_the_dataset(monkeypatch, capsys):
     monkeypatch.setattr(train_cifar, "load_data", lambda args: (_ for _ in ()).throw(errors.RunError("stop here")))
     for argv in (["--dataset", "latents", "--data-dir", "lat256"], ["--dataset", "folder", "--data-dir", "pets"]):
         with pytest.raises(errors.RunError, match="stop here"):
-            train_cifar.setup(train_cifar.parse_args(["--backbone", "dit", "--device", "cpu", *argv], gpu=False))
+            train_cifar.setup(train_cifar.parse_args(["--backbone", "dit", "--device", "cpu", *argv], gpu=False),
+                              Processes(), CPU)
         out = capsys.readouterr().out
         assert f"python train_cifar.py --backbone dit {' '.join(argv)} --model DiT-Tiny" in out
         assert "cifar" not in out.replace("train_cifar.py", "") and "--class-cond" not in out  # maybe no classes

@@ -37,6 +37,7 @@ from diffusion import FORMULATIONS, LOSS_TYPES, PREDICTIONS, SCHEDULES, make_dif
 from errors import RunError
 from evaluation import evaluate, fid_evaluator
 from files import atomic_write, check_dir
+from finetune import init_weights
 from hybvit import HybViT
 from recipes import CPU_RECIPES, paper_recipe, recipe_flags, resolve
 from runs import Run, StopOnSignal, TrainLog, prepare_folder, resume_path
@@ -128,6 +129,10 @@ FLAGS = {
     "--attention": dict(default="sdpa", choices=["sdpa", "math"]),
     # outputs
     "--out-dir": dict(help="default: runs/<backbone>-<model>-<dataset>"),
+    "--init-from": dict(help="start a new run from these weights (not their optimizer or step): an official release "
+                              "or a train_cifar.py checkpoint (finetune.py; README, \"Fine-tuning a release\")"),
+    "--class-map": dict(help="--init-from: the old classes the data's classes take, in order, e.g. 3,7,12 "
+                             "(default: the same rows if as many classes, else new rows)"),
     "--resume": dict(default="auto", help="auto (latest.pt in --out-dir if any), never, or a checkpoint path"),
     "--log-every": dict(type=int, default=100),
     "--sample-every": dict(type=int, help="0 = no sample grids (default: 5000; the CPU recipes': half the run)"),
@@ -225,12 +230,10 @@ def load_data(args):
 
 # ----- Setup: everything checked and built before anything is written -----
 
-def setup(args, procs=None, device=None):
+def setup(args, procs, device):
     """-> (Run, its Batches, FID function or None, HybViT or None); procs, device: from start_processes."""
     out_dir = args.out_dir or default_out_dir(args)
     check_dir(out_dir, "--out-dir")  # before any download or model build
-    if procs is None:
-        procs, device = start_processes(args.device)
     if procs.world > 1:
         check_processes(args, procs)
     args = argparse.Namespace(**{**vars(args), "precision": args.precision or default_precision(device)})
@@ -246,9 +249,8 @@ def setup(args, procs=None, device=None):
     random.seed(args.seed)
     args, x, labels, names = load_data(args)
     num_classes = len(names) if args.class_cond else 0
-    meta = {"dataset": args.dataset, "image_size": args.image_size, "channels": x.shape[1],
-            "num_classes": num_classes, "class_names": names if args.class_cond else [],
-            "pixels": args.dataset != "latents"}
+    meta = {"dataset": args.dataset, "image_size": args.image_size, "channels": x.shape[1], "num_classes": num_classes,
+            "class_names": names if args.class_cond else [], "pixels": args.dataset != "latents"}
     if args.dataset == "latents":
         meta.update(latent_meta(args, x))
     head = len(names) if args.backbone == "genvit" else num_classes  # GenViT: its classifier head's classes
@@ -268,6 +270,8 @@ def setup(args, procs=None, device=None):
     diffusion = make_diffusion(**recorded)
     config = {"backbone": args.backbone, "model_name": args.model, "model_kwargs": plain(kwargs), "data": meta,
               "diffusion": recorded}
+    if args.init_from or ckpt and "init_from" in ckpt:  # a fine-tuning run: the weights it started from
+        config["init_from"] = init_weights(model, args, config, ckpt)
     if ckpt is not None:
         args = as_trained(args, ckpt, config, ckpt_path)
     decode = None if meta["pixels"] else latent_decode(args, meta, device)
