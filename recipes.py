@@ -164,3 +164,26 @@ def check_sampler(sampler, diffusion, formulation):
     if sampler not in diffusion.SAMPLERS:
         raise RunError(f"--sampler {sampler} is not a {formulation} sampler; choose one of "
                        f"{', '.join(diffusion.SAMPLERS)}")
+
+
+# Where no GPU is visible this trains the backbone's CPU recipe (about 15 minutes on 2 cores: README, "What a CPU
+# can do"); on a GPU, the paper's.
+CPU_COMMAND = "python train_cifar.py --backbone {backbone}"
+
+
+def note_recipe(args):
+    """On a CPU: the one line saying that the CPU recipe runs, or that the paper's would take months (and what fits)."""
+    paper = paper_recipe(args.backbone, args.dataset)
+    if args.recipe == "cpu":
+        print(f"no GPU: the CPU-sized recipe ({args.model} at batch {args.batch_size} for {args.steps:,} steps, about "
+              f"15 min on 2 cores; recipes.py CPU_RECIPES); --paper-recipe trains the paper's {paper['model']} for "
+              f"{paper['steps']:,} steps")
+    elif args.model == paper["model"]:
+        cpu = CPU_COMMAND.format(backbone=args.backbone)
+        plain_cpu = f"where no GPU is visible `{cpu}` trains the CPU-sized recipe (about 15 min on 2 cores); "
+        if args.dataset != "cifar10":  # the CPU recipe is CIFAR-10's: its sizes, spelled out, on these data
+            cpu, plain_cpu = f"{cpu} --dataset {args.dataset} --data-dir {args.data_dir}", ""
+        spelled = recipe_flags({k: v for k, v in CPU_RECIPES[args.backbone].items() if k != "class_cond"
+                                or args.dataset == "cifar10"}, paper)
+        print(f"note: {args.model} for {args.steps:,} steps at batch {args.batch_size} is the paper's GPU recipe and "
+              f"would run for months on a CPU; {plain_cpu}spelled out for any machine:\n  {cpu}{spelled}")

@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -20,6 +21,7 @@ from devices import Processes
 from errors import RunError
 from files import atomic_link, atomic_write, lock_folder, make_dir, remove_stale_temps
 from images import plot_losses
+from recipes import paper_recipe
 from training import first_nonfinite, weights_finite
 
 
@@ -132,6 +134,36 @@ class Run:
         where = f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good else "none written yet"
         raise RunError(f"non-finite loss/weights at step {at}; run stopped, last good checkpoint: {where}; "
                        "resume from it with a lower --lr, --grad-clip 1 or --precision fp32")
+
+
+# ----- Run folders -----
+
+def default_out_dir(args):
+    """runs/<backbone>-<model>-<data>[-cond], then whatever else makes another run: a formulation other than the
+    recipe's, -hybvit, each --model-arg (recipe's or flag's) as key=value. A run that an older version wrote under
+    the name without them continues there when its config.json holds the same settings."""
+    data_name = "cifar10"
+    if args.dataset != "cifar10":
+        data_name = os.path.splitext(os.path.basename(os.path.normpath(args.data_dir)))[0]
+    cond = "-cond" if args.class_cond else ""
+    old = os.path.join("runs", f"{args.backbone}-{args.model.replace('/', '-')}-{data_name}{cond}")
+    extra = [args.formulation] * (args.formulation != paper_recipe(args.backbone, args.dataset)["formulation"])
+    extra += ["hybvit"] * args.hybvit + [re.sub(r"[^\w.,=+-]", "", f"{k}={v}")
+                                       for k, v in sorted(args.model_arg.items())]
+    new = "-".join([old] + extra)
+    return old if extra and not os.path.exists(new) and same_settings(old, args) else new
+
+
+def same_settings(folder, args):
+    """Whether folder holds a run (latest.pt) whose config.json has args' formulation, --hybvit and --model-arg."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            old = json.load(f)["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    settings = (args.formulation, args.hybvit, plain(args.model_arg))
+    return os.path.exists(os.path.join(folder, "latest.pt")) and settings == (
+        old.get("formulation", "ddpm"), bool(old.get("hybvit")), old.get("model_arg", {}))
 
 
 # ----- The log -----

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import re
 
 import numpy as np
 import torch
@@ -39,14 +38,11 @@ from evaluation import evaluate, fid_evaluator
 from files import atomic_write, check_dir
 from finetune import init_weights
 from hybvit import HybViT
-from recipes import CPU_RECIPES, paper_recipe, recipe_flags, resolve
-from runs import Run, StopOnSignal, TrainLog, prepare_folder, resume_path
+from recipes import CPU_COMMAND, note_recipe, resolve  # noqa: F401 (CPU_COMMAND: the README's, re-exported)
+from runs import Run, StopOnSignal, TrainLog, default_out_dir, prepare_folder, resume_path
 from training import ema_decay, learning_rate, step_draws, train_step, update_ema
 from vae import latent_decoder
 
-# Where no GPU is visible this trains the backbone's CPU recipe (about 15 minutes on 2 cores: README, "What a CPU
-# can do"); on a GPU, the paper's.
-CPU_COMMAND = "python train_cifar.py --backbone {backbone}"
 
 
 # ----- Arguments -----
@@ -185,34 +181,6 @@ def parse_args(argv=None, gpu=True):
     return args
 
 
-def default_out_dir(args):
-    """runs/<backbone>-<model>-<data>[-cond], then whatever else makes another run: a formulation other than the
-    recipe's, -hybvit, each --model-arg (recipe's or flag's) as key=value. A run that an older version wrote under
-    the name without them continues there when its config.json holds the same settings."""
-    data_name = "cifar10"
-    if args.dataset != "cifar10":
-        data_name = os.path.splitext(os.path.basename(os.path.normpath(args.data_dir)))[0]
-    cond = "-cond" if args.class_cond else ""
-    old = os.path.join("runs", f"{args.backbone}-{args.model.replace('/', '-')}-{data_name}{cond}")
-    extra = [args.formulation] * (args.formulation != paper_recipe(args.backbone, args.dataset)["formulation"])
-    extra += ["hybvit"] * args.hybvit + [re.sub(r"[^\w.,=+-]", "", f"{k}={v}")
-                                       for k, v in sorted(args.model_arg.items())]
-    new = "-".join([old] + extra)
-    return old if extra and not os.path.exists(new) and same_settings(old, args) else new
-
-
-def same_settings(folder, args):
-    """Whether folder holds a run (latest.pt) whose config.json has args' formulation, --hybvit and --model-arg."""
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            old = json.load(f)["args"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    settings = (args.formulation, args.hybvit, plain(args.model_arg))
-    return os.path.exists(os.path.join(folder, "latest.pt")) and settings == (
-        old.get("formulation", "ddpm"), bool(old.get("hybvit")), old.get("model_arg", {}))
-
-
 def load_data(args):
     """-> (args completed by the data, images or latents (N, C, H, W), labels (N,) or None, class names)."""
     x, y, names = load_dataset(args.dataset, args.data_dir, args.image_size, args.cifar_url)
@@ -297,24 +265,6 @@ def check_processes(args, procs):
                        "processes")
     if args.hybvit:
         raise RunError("--hybvit runs in one process (its classifier pass is outside DDP's forward); drop torchrun")
-
-
-def note_recipe(args):
-    """On a CPU: the one line saying that the CPU recipe runs, or that the paper's would take months (and what fits)."""
-    paper = paper_recipe(args.backbone, args.dataset)
-    if args.recipe == "cpu":
-        print(f"no GPU: the CPU-sized recipe ({args.model} at batch {args.batch_size} for {args.steps:,} steps, about "
-              f"15 min on 2 cores; recipes.py CPU_RECIPES); --paper-recipe trains the paper's {paper['model']} for "
-              f"{paper['steps']:,} steps")
-    elif args.model == paper["model"]:
-        cpu = CPU_COMMAND.format(backbone=args.backbone)
-        plain_cpu = f"where no GPU is visible `{cpu}` trains the CPU-sized recipe (about 15 min on 2 cores); "
-        if args.dataset != "cifar10":  # the CPU recipe is CIFAR-10's: its sizes, spelled out, on these data
-            cpu, plain_cpu = f"{cpu} --dataset {args.dataset} --data-dir {args.data_dir}", ""
-        spelled = recipe_flags({k: v for k, v in CPU_RECIPES[args.backbone].items() if k != "class_cond"
-                                or args.dataset == "cifar10"}, paper)
-        print(f"note: {args.model} for {args.steps:,} steps at batch {args.batch_size} is the paper's GPU recipe and "
-              f"would run for months on a CPU; {plain_cpu}spelled out for any machine:\n  {cpu}{spelled}")
 
 
 def as_trained(args, ckpt, config, path):

@@ -1,21 +1,14 @@
 """
-The Stable Diffusion VAE: the KL-regularised "kl-f8" autoencoder of Rombach et al. 2022, "High-Resolution Image
-Synthesis with Latent Diffusion Models" (arXiv 2112.10752), §3.1 "Perceptual Image Compression" and App. G.
-
-Latent-diffusion models (DiT, latent U-ViT and DiffiT) train in its 8x-downsampled 4-channel latent space.
-Module and parameter names follow diffusers' AutoencoderKL (models/autoencoders/vae.py Encoder / Decoder), so
-stabilityai/sd-vae-ft-ema and sd-vae-ft-mse load with strict=True; the CompVis/LDM names of
-ldm/modules/diffusionmodules/model.py (also used by baofff/U-ViT libs/autoencoder.py) are converted on load.
-  ResnetBlock        GroupNorm-SiLU-conv3x3 twice plus a skip (diffusers ResnetBlock2D, LDM ResnetBlock)
-  AttentionBlock     single-head self-attention over the pixels (diffusers Attention, LDM AttnBlock)
-  Downsample         pad (0,1,0,1) + stride-2 conv3x3 (diffusers Downsample2D, LDM Downsample)
-  Upsample           nearest x2 + conv3x3 (diffusers Upsample2D, LDM Upsample)
+The Stable Diffusion VAE: the KL-regularised "kl-f8" autoencoder of Rombach et al. 2022 (arXiv 2112.10752), §3.1
+"Perceptual Image Compression" and App. G, in whose 8x-downsampled 4-channel latents DiT, U-ViT and DiffiT train.
+Names follow diffusers' AutoencoderKL, so stabilityai/sd-vae-ft-ema and -mse load with strict=True; the CompVis/LDM
+names (ldm/modules/diffusionmodules/model.py, also baofff/U-ViT libs/autoencoder.py) are converted on load.
+  ResnetBlock, AttentionBlock, Downsample, Upsample   (diffusers ResnetBlock2D, Attention, Downsample2D, Upsample2D)
   Encoder, Decoder   conv_in, levels of ResNets, mid block (ResNet, attention, ResNet), GroupNorm-SiLU-conv_out
-  AutoencoderKL      encode(x) -> posterior (mean, logvar); decode(z) -> image; quant_conv / post_quant_conv
-  load_vae           a diffusers folder or one checkpoint file (diffusers or LDM names) -> frozen AutoencoderKL
-  load_safetensors   the safetensors reader of safetensors_io.py (with save_safetensors, importable from here)
-Latents are unscaled everywhere here: callers multiply by `scaling_factor` (0.18215) after encoding and divide
-before decoding, as LDM, DiT's train.py / sample.py and U-ViT do.
+  AutoencoderKL      encode(x) -> posterior (mean, logvar); decode(z) -> image
+  load_vae           a diffusers folder or one checkpoint file (either naming) -> frozen AutoencoderKL
+Latents are unscaled here: callers multiply by `scaling_factor` (0.18215) after encoding and divide before decoding
+(LDM, DiT's train.py / sample.py, U-ViT).
 """
 import json
 import math
