@@ -12,7 +12,6 @@ are, except what the new data change:
 A learned variance (Improved DDPM §3.1) or a formulation / prediction that differs from the run's is refused in
 one line: the output layer would mean something else.
 """
-import hashlib
 import os
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 import official
 from checkpoints import validate_checkpoint
 from errors import RunError
+from files import sha256_of
 
 # The label-table (GenViT: classifier-head) tensors, row = class, the null row last.
 LABEL_KEYS = {"dit": ("y_embedder.embedding_table.weight",), "diffit": ("y_embedder.embedding_table.weight",),
@@ -44,16 +44,8 @@ def init_weights(model, args, config, ckpt=None):
     model.load_state_dict(state, strict=True)
     print(f"init: weights of {src['kind']} {src['model_name']} from {path}" +
           (f", classes {class_map} of its {src['num_classes']}" if class_map else ""))
-    return {"path": os.path.abspath(path), "sha256": sha256(path), "kind": src["kind"],
+    return {"path": os.path.abspath(path), "sha256": sha256_of([path]), "kind": src["kind"],
             "model_name": src["model_name"], "class_map": class_map}
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_source(path, args):
