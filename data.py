@@ -362,7 +362,7 @@ class LatentBatches:
     rest is the model's); otherwise each batch is gathered from the memory map into pinned host memory and copied
     asynchronously."""
 
-    def __init__(self, store, device):
+    def __init__(self, store, device, labels=None):  # labels: the store's, or e.g. captions.CaptionLabels
         self.store, self.device, self.scale = store, torch.device(device), store.scaling_factor
         nbytes = store.moments.nbytes
         fits = self.device.type != "cuda" or nbytes < 0.25 * torch.cuda.mem_get_info(self.device)[0]
@@ -373,7 +373,7 @@ class LatentBatches:
                                        device=self.device)
             for i in range(0, len(store), 65536):
                 self.moments[i:i + 65536] = torch.from_numpy(np.ascontiguousarray(store.moments[i:i + 65536]))
-        self.labels = store.labels.to(self.device)
+        self.labels = (store.labels if labels is None else labels).to(self.device)
 
     def __call__(self, indices, with_labels, flip=None, eps=None):
         """z (and labels) of `indices`; flip (B,) in {0, 1} picks the stored flips and eps (B, C, h, w) is the
@@ -477,7 +477,7 @@ class Batches:
         self.indices, self.part, self.flip = BatchIndices(len(x), batch_size, seed), part, flip
         self.shape = (batch_size, *x.shape[1:])  # the global batch
         self.latents = isinstance(x, LatentFolder)  # memory-mapped moments: LatentBatches draws z (stored flips)
-        self.x = LatentBatches(x, device) if self.latents else x.to(device)
+        self.x = LatentBatches(x, device, labels) if self.latents else x.to(device)
         self.labels = None if labels is None else labels.to(device)
 
     def __call__(self, step, flip, latent_noise=None):

@@ -10,6 +10,13 @@ labels all 0). Files are taken in sorted order. Each image is preprocessed as AD
 guided_diffusion/image_datasets.py center_crop_arr, the preprocessing of DiT train.py), scaled to [-1, 1], and
 encoded together with its horizontal flip.
 
+Text-to-image (U-ViT §4.4): with --captions FILE (a Hugging Face metadata.jsonl or a COCO captions_*.json; a bare
+--captions means DATA_DIR/metadata.jsonl) the images are those FILE lists (names relative to --data-dir, sorted)
+less the seeded 1% of captions.held_out, whose captions become the prompts of grids and FID; labels are all 0.
+Captions are used only with the flag: a folder that merely holds a metadata.jsonl extracts as before. The texts are
+stored, not CLIP features or token ids: training tokenizes them with its --clip folder's tokenizer, one vocabulary
+per run (BENCHMARKS.md, "Caption storage").
+
 What is stored, and why moments. DiT's train.py encodes on the fly, `vae.encode(x).latent_dist.sample()` of a
 randomly flipped image, so every epoch sees a fresh posterior draw of either flip. fast-DiT's extract_features.py
 saves one such draw per image, freezing both the flip and the noise for the whole run. U-ViT's
@@ -28,6 +35,9 @@ Output (--out folder; format "latents-v1"):
                "scaling_factor", "files_sha1" (sha1 of the newline-joined relative file list), "done",
                "vae_sha256" (the VAE by content: sha256 of its config.json and weights), "downsample_factor"}.
                Folders written before the last two existed read as "unknown": nothing is compared against them.
+               With --captions also "captions": true, so a rerun with or without --captions is refused.
+  captions.json  with --captions, written once the latents are complete: {"format": "captions-v1", "captions":
+               each image's captions (aligned with latents.npy), "held_out": the held-out prompts, "source"}.
   C x h x w = 4 x 32 x 32 for the SD-VAE at 256: 32,768 bytes per image in float16 (ImageNet's 1,281,167 training
   images: 42.0 GB), 65,536 in float32.
 
@@ -45,51 +55,7 @@ An image that cannot be decoded stops the run with its path: skipping it would s
 The chunks before it stay resumable once the file is replaced with a readable image (removing it changes the file
 list, so a new --out is needed).
 
-Rounding that --dtype float16 adds. Round-to-nearest float16 keeps 11 significant bits: a relative error of at most
-2^-11 = 4.88e-4 for |x| in [6.1e-5, 65504] (bfloat16, 8 bits: 2^-8 = 3.91e-3), and an absolute error below 3e-8
-under that range. No pretrained VAE weights were at hand, so we measured on the full-size SD-VAE architecture,
-AutoencoderKL(**vae.SD_VAE_CONFIG), with random-init weights (torch.manual_seed(0)): 64 synthetic 256x256 images,
-both flips, 8 x 32 x 32 moments each (the --dtype float32 run of the speed benchmark below, then print_rounding).
-This checks the format's rounding on tensors of the real shape, not the pretrained latents' statistics.
-                relative error                 |error of the mean| / std      max relative change
-                bound     max       mean       max        median              of std exp(logvar / 2)
-  float16       4.88e-4   4.88e-4   1.77e-4    7.6e-4     3.1e-5              2.4e-4
-  bfloat16      3.91e-3   3.89e-3   1.42e-3    6.8e-3     2.5e-4              2.0e-3
-The random-init VAE's logvar spans [-2.0, 1.7] (std 0.37 to 2.3) and |mean| <= 2.05, unlike a trained one, so the
-columns that divide by the std say nothing about pretrained latents. The float16 run's latents.npy equals the float32
-run's cast to float16, bit for bit. The posterior std exp(logvar / 2) is the noise that drawing z adds anyway;
-rounding the mean is lost in it where 2^-11 |mean| << exp(logvar / 2). Public reports say the pretrained SD-VAE's
-std is small next to its mean (madebyollin/taesd#37, huggingface/diffusers#9328), so there the float16 error can be
-of the order of the posterior noise. Both are far below the smallest diffusion noise a model trains at: the scaled
-latent z * 0.18215 has about unit std and a float16 error of at most 2^-11 |z|, while the linear schedule's
-smallest noise std is sqrt(1e-4) = 0.01 (scaled_linear: 0.029). To measure a real VAE, extract with --dtype float32
-and run  python -c "import extract_latents as e; e.print_rounding('OUT/latents.npy')"
-
-Speed on a 2-core AMD EPYC (AVX2, no AVX-512; torch 2.13.0+cpu, 2 threads; load average 0.5 before the run),
-full-size random-init SD-VAE, 64 synthetic 256x256 PNGs in 4 class folders:
-  python - <<'EOF'  # 64 images: random 8x8 colours, bicubic to 256x256, plus uniform noise in [-12, 12]
-import os, numpy as np
-from PIL import Image
-r = np.random.default_rng(0)
-for i in range(64):
-    os.makedirs(f'/tmp/synth64/class{i % 4}', exist_ok=True)
-    small = Image.fromarray(r.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((256, 256), Image.BICUBIC)
-    noisy = np.clip(np.asarray(small, int) + r.integers(-12, 13, (256, 256, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(noisy).save(f'/tmp/synth64/class{i % 4}/{i:03d}.png')
-EOF
-  python - <<'EOF'  # the full-size SD-VAE with random weights, as a diffusers folder
-import json, os, torch, vae
-torch.manual_seed(0)
-m = vae.AutoencoderKL(**vae.SD_VAE_CONFIG)
-os.makedirs('/tmp/sdvae-random', exist_ok=True)
-json.dump(m.config, open('/tmp/sdvae-random/config.json', 'w'))
-vae.save_safetensors(m.state_dict(), '/tmp/sdvae-random/diffusion_pytorch_model.safetensors')
-EOF
-  python extract_latents.py --data-dir /tmp/synth64 --image-size 256 --vae /tmp/sdvae-random --out /tmp/lat64 \
-      --batch-size 8
-  -> 64 images in 422.6 s = 0.15 images/s (2 decoding workers, the default here), 32,768 bytes per image, peak RSS
-     3.8 GB. With --dtype float32 --workers 0: 429.8 s = 0.15 images/s, 65,536 bytes per image.
-The encoder costs 136.4 GMACs per 256x256 image (torch.utils.flop_counter), 272.7 with the flip: 41 GMAC/s here.
+Measurements (float16 rounding of the moments, extraction speed on 2 CPU cores): BENCHMARKS.md, "Latents".
 """
 import argparse
 import contextlib
@@ -104,6 +70,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from captions import CAPTIONS_FORMAT, caption_images, split_held_out
 from devices import memory_size, resolve_device
 from errors import RunError, first_line
 from files import allocate, atomic_write, check_dir, check_free_space, locked, make_dir, remove_stale_temps, size
@@ -113,7 +80,7 @@ from vae import load_vae
 FORMAT = "latents-v1"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 # meta.json entries that must agree for a rerun to resume (or to count as already done)
-MATCH_KEYS = ("format", "count", "image_size", "latent_channels", "latent_size", "dtype", "stores", "flips",
+MATCH_KEYS = ("captions", "format", "count", "image_size", "latent_channels", "latent_size", "dtype", "stores", "flips",
               "class_names", "vae", "scaling_factor", "files_sha1", "vae_sha256", "downsample_factor")
 PROVENANCE_KEYS = ("vae_sha256", "downsample_factor")  # recorded since provenance: not compared in older folders
 
@@ -141,6 +108,15 @@ def list_images(root):
     paths = [f for f, _ in files]
     rel = [os.path.relpath(f, root).replace(os.sep, "/") for f in paths]
     return paths, rel, np.array([c for _, c in files], dtype=np.int64), classes
+
+
+def caption_list(data_dir, captions):
+    """list_images for --captions ("": DATA_DIR/metadata.jsonl): the listed images less the held-out ones, labels 0,
+    no class names, and the bytes of their captions.json."""
+    train, held = split_held_out(caption_images(data_dir, captions or None))
+    source = os.path.abspath(captions or os.path.join(data_dir, "metadata.jsonl"))
+    doc = {"format": CAPTIONS_FORMAT, "captions": train.captions, "held_out": held, "source": source}
+    return train.paths, train.rel, np.zeros(len(train.rel), np.int64), [], json.dumps(doc).encode() + b"\n"
 
 
 def files_sha1(rel):
@@ -249,11 +225,23 @@ def space_error(path, shape, np_dtype, e):
 
 def difference(key, old, new):
     """How a rerun's settings differ from an extraction's meta.json, naming both sides."""
+    if key == "captions":
+        return f"it was extracted {'with' if old else 'without'} --captions"
     if key == "files_sha1":
         return "the file list differs (files_sha1)"
     if key == "vae_sha256":
         return f"the VAE's content changed: sha256 {str(old)[:12]} when the extraction began, {new[:12]} now"
     return f"{key} {old!r} != {new!r}"
+
+
+def write_captions(out, text):
+    """captions.json, unless it already holds exactly this text (then nothing is rewritten)."""
+    path = os.path.join(out, "captions.json")
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        if f.read() == text:
+            return
+    atomic_write(path, lambda f: f.write(text))
+    print(f"wrote {path} ({len(json.loads(text)['captions']):,} images' captions)")
 
 
 def sync(lat, path):
@@ -269,9 +257,10 @@ def sync(lat, path):
 # ----- The extraction -----
 
 def extract(data_dir, image_size, vae, out, batch_size=64, device=None, workers=None, dtype="float16",
-            flush_every=1024, tf32=False, progress=True):
-    """Write (or finish) the latents-v1 folder `out` for the images of data_dir (see the module docstring);
-    returns its meta dict. Bad input is a RunError raised before anything is written; an image that cannot be read
+            flush_every=1024, tf32=False, progress=True, captions=None):
+    """Write (or finish) the latents-v1 folder `out` for the images of data_dir, or with `captions` (a caption file;
+    "": DATA_DIR/metadata.jsonl) for the images it lists, plus captions.json (see the module docstring); returns its
+    meta dict. Bad input is a RunError raised before anything is written; an image that cannot be read
     is a RunError raised after the batches before it are saved (resumable)."""
     for ok, msg in [(image_size >= 1, "--image-size must be >= 1"), (batch_size >= 1, "--batch-size must be >= 1"),
                     (workers is None or workers >= 0, "--workers must be >= 0"),
@@ -289,20 +278,22 @@ def extract(data_dir, image_size, vae, out, batch_size=64, device=None, workers=
     if image_size % f:
         raise RunError(f"--image-size {image_size} is not a multiple of the VAE's downsample factor {f}; use e.g. "
                        f"{max(f, image_size // f * f)} or {(image_size // f + 1) * f}")
-    paths, rel, labels, classes = list_images(data_dir)
+    paths, rel, labels, classes, text = (*list_images(data_dir), None) if captions is None else \
+        caption_list(data_dir, captions)
     N, h, np_dtype = len(paths), image_size // f, DTYPES[dtype]
     meta = {"format": FORMAT, "complete": False, "count": N, "image_size": image_size, "latent_channels": C,
             "latent_size": h, "dtype": dtype, "stores": "moments", "flips": 2, "class_names": classes,
             "vae": os.path.abspath(vae), "scaling_factor": model.scaling_factor, "files_sha1": files_sha1(rel),
-            "vae_sha256": model.sha256, "downsample_factor": f, "done": 0}
+            "vae_sha256": model.sha256, "downsample_factor": f, "done": 0,
+            **({} if text is None else {"captions": True})}
     shape = (N, 2, 2 * C, h, h)
     lat_path, labels_path = os.path.join(out, "latents.npy"), os.path.join(out, "labels.npy")
 
     old = read_meta(out)
     start = 0
     if old is not None:
-        diffs = [difference(k, old.get(k), meta[k]) for k in MATCH_KEYS
-                 if old.get(k) != meta[k] and (k in old or k not in PROVENANCE_KEYS)]
+        diffs = [difference(k, old.get(k), meta.get(k)) for k in MATCH_KEYS
+                 if old.get(k) != meta.get(k) and (k in old or k not in PROVENANCE_KEYS)]
         if diffs:
             raise RunError(f"{out} holds an extraction with other settings ({'; '.join(diffs)[:300]}); rerun with "
                            "the settings it was made with to resume it, or pick a new --out")
@@ -311,6 +302,9 @@ def extract(data_dir, image_size, vae, out, batch_size=64, device=None, workers=
                 raise RunError(f"{out}/meta.json says complete but latents.npy or labels.npy is missing or has "
                                f"another shape; delete {out} or pick a new --out")
             print(f"{out} is already complete ({N} images); nothing to do")
+            if text is not None:  # a run killed between meta.json and captions.json, or edited captions
+                with locked(out, "--out"):
+                    write_captions(out, text)
             return old
         done = old.get("done")
         start = min(done, N) // batch_size * batch_size if isinstance(done, int) and done > 0 else 0
@@ -319,8 +313,11 @@ def extract(data_dir, image_size, vae, out, batch_size=64, device=None, workers=
         check_sizes(out, shape, np_dtype, batch_size, image_size, labels)
     make_dir(out, "--out")
     with locked(out, "--out"):  # one writer: a second extraction into --out is refused
-        return write_latents(out, meta, start, labels, model, paths, image_size, batch_size, device, workers,
+        meta = write_latents(out, meta, start, labels, model, paths, image_size, batch_size, device, workers,
                              flush_every, tf32, progress)
+        if text is not None:
+            write_captions(out, text)
+        return meta
 
 
 def check_sizes(out, shape, np_dtype, batch_size, image_size, labels):
@@ -477,6 +474,10 @@ def parse_args(argv=None):
     a("--dtype", default="float16", choices=list(DTYPES), help="storage type of the moments")
     a("--flush-every", type=int, default=1024, help="flush to disk and record progress every ~this many images")
     a("--tf32", action="store_true", help="allow TF32 convs/matmuls on CUDA (faster; no longer exact float32)")
+    a("--captions", nargs="?", const="", default=None, metavar="FILE",
+      help="text-to-image: extract the images a metadata.jsonl or COCO captions_*.json lists (bare --captions:\n"
+           "DATA_DIR/metadata.jsonl), less a seeded 1%% held out, and write captions.json. Only with this flag:\n"
+           "a folder that holds a metadata.jsonl but gets no --captions extracts as before")
     return p.parse_args(argv)
 
 
@@ -485,7 +486,7 @@ def main(argv=None):
     try:
         return extract(args.data_dir, args.image_size, args.vae, args.out, batch_size=args.batch_size,
                        device=args.device, workers=args.workers, dtype=args.dtype, flush_every=args.flush_every,
-                       tf32=args.tf32)
+                       tf32=args.tf32, captions=args.captions)
     except RunError as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:  # the chunks flushed so far are recorded in meta.json
