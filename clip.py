@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import RunError
-from safetensors_io import load_safetensors
+from files import atomic_write
+from safetensors_io import load_safetensors, save_safetensors
 
 # openai/clip-vit-large-patch14 text_config (the ViT-L/14 text tower: 123,060,480 parameters)
 VIT_L14 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -263,9 +264,10 @@ class CLIPTokenizer:
             chars = [byte_chars()[0][b] for b in byte_chars()[1]]
             symbols = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [SOT, EOT]
             vocab = {s: i for i, s in enumerate(symbols)}
-        if len(vocab) != 49408 or vocab.get(SOT) != 49406 or vocab.get(EOT) != 49407:
+        full = len(vocab) == 49408  # OpenAI's; a smaller one (e.g. write_small_clip's) needs the specials too
+        if (vocab.get(SOT), vocab.get(EOT)) != ((49406, 49407) if full else (len(vocab) - 2, len(vocab) - 1)):
             raise RunError(f"{path}: a vocabulary of {len(vocab)} symbols without CLIP's special tokens at "
-                           "49406/49407; pass the openai/clip-vit-large-patch14 tokenizer files")
+                           f"{len(vocab) - 2}/{len(vocab) - 1}; pass the openai/clip-vit-large-patch14 tokenizer files")
         return cls(vocab, merges)
 
     def bpe(self, piece):
@@ -278,17 +280,22 @@ class CLIPTokenizer:
             pair = min(zip(word, word[1:]), key=lambda p: self.ranks.get(p, float("inf")))
             if pair not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
+            word = self.merge(word, pair)
         self.cache[piece] = word
         return word
+
+    @staticmethod
+    def merge(word, pair):
+        """word (a list of symbols) with every occurrence of pair joined, left to right."""
+        merged, i = [], 0
+        while i < len(word):
+            if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+                merged.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        return merged
 
     def encode(self, text):
         """The BPE ids of text, without start/end tokens. The literal strings <|startoftext|> / <|endoftext|> are
@@ -316,22 +323,83 @@ class CLIPTokenizer:
 
 
 class FrozenCLIPEmbedder:
-    """Prompts -> U-ViT's context: CLIP's last_hidden_state (B, 77, 768), float32, no gradients (official
-    libs/clip.py FrozenCLIPEmbedder). encode([""]) is the unconditional context (its empty_context.npy)."""
+    """Prompts -> U-ViT's context: CLIP's last_hidden_state (B, L, width), float32, no gradients (official
+    libs/clip.py FrozenCLIPEmbedder; L = the tower's positions, 77). encode([""]) is the unconditional context (its
+    empty_context.npy)."""
 
     def __init__(self, folder, device="cpu", width=None):
         self.tokenizer, self.model = CLIPTokenizer.from_folder(folder), load_clip_text(folder, device, width)
-        self.device = device
+        self.device, self.folder = device, os.path.abspath(folder)
+        self.width, vocab = self.model.final_layer_norm.normalized_shape[0], len(self.model.embeddings[
+            "token_embedding"].weight)
+        self.tokenizer.context_length = len(self.model.embeddings["position_embedding"].weight)
+        if max(self.tokenizer.vocab.values()) >= vocab:
+            raise RunError(f"{folder}: the tokenizer's vocabulary ({len(self.tokenizer.vocab)} symbols) does not fit "
+                           f"the text tower's {vocab} embeddings; pass a folder whose files belong together")
 
     @torch.no_grad()
     def encode(self, texts):
-        return self.model(self.tokenizer(texts).to(self.device)).float()
+        return self.context(self.tokenizer(texts))
+
+    @torch.no_grad()
+    def context(self, ids):  # (B, L) token ids -> (B, L, width), in float32 whatever autocast says
+        with torch.autocast(torch.device(self.device).type, enabled=False):
+            return self.model(ids.to(self.device)).float()
+
+
+class TextContext:
+    """Labels -> CLIP contexts, encoded on the fly: label i is texts[i] (tokenized once) and label len(texts) the
+    empty prompt (the null label of guidance). A batch's contexts are kept while the same labels come back, so a
+    sampler's steps encode each batch once. wrap(fwd) is fwd with labels y turned into contexts."""
+
+    def __init__(self, encoder, texts):
+        self.encoder, self.ids, self.last = encoder, encoder.tokenizer(list(texts) + [""]).int(), None  # int32 rows
+
+    def __call__(self, y):
+        if self.last is None or self.last[0].shape != y.shape or not torch.equal(self.last[0], y):
+            self.last = (y.clone(), self.encoder.context(self.ids[y.cpu()].long()))
+        return self.last[1]
+
+    def wrap(self, fwd):
+        return lambda x, t, y=None, **kw: fwd(x, t, y=None if y is None else self(y), **kw)
 
 
 def prompt_conditioning(fwd, encoder, prompts, model):
     """Prompts as labels for a text-to-image model: -> fwd'(x, t, y) where y (B,) in 0..P-1 picks that prompt's
-    context and y == P the empty prompt's (the null label of guidance), each encoded once; the empty prompt's
-    encoding also becomes model.null_context (y=None, dropped samples)."""
-    contexts = encoder.encode(list(prompts) + [""])  # (P + 1, 77, width)
-    model.null_context.copy_(contexts[-1])
-    return lambda x, t, y=None, **kw: fwd(x, t, y=None if y is None else contexts[y.to(contexts.device)], **kw)
+    context and y == P the empty prompt's (the null label of guidance), encoded batch by batch (TextContext); the
+    empty prompt's encoding also becomes model.null_context (y=None, dropped samples)."""
+    model.null_context.copy_(encoder.encode([""])[0])
+    return TextContext(encoder, prompts).wrap(fwd)
+
+
+def write_small_clip(folder, texts, width=64, layers=2, heads=2, context_length=16, seed=0):
+    """A small CLIP text tower with random weights, frozen, in the Hugging Face folder layout, for CPU demos and
+    tests: the byte symbols, BPE merges learned on the words of `texts` (most frequent pair first, until each of
+    those words is one token, as CLIP's were learned on its corpus) and the two special tokens. It tells prompts apart
+    but knows no language; a real model conditions on openai/clip-vit-large-patch14."""
+    chars = [byte_chars()[0][b] for b in byte_chars()[1]]
+    symbols, merges = chars + [c + "</w>" for c in chars], []
+    words = [list("".join(byte_chars()[0][b] for b in w.encode())) for w in {p for t in texts
+                                                                              for p in pre_tokenize(clean(t))}]
+    words = [w[:-1] + [w[-1] + "</w>"] for w in words]
+    while True:
+        pairs = [p for w in words for p in zip(w, w[1:])]
+        if not pairs:
+            break
+        pair = max(sorted(set(pairs)), key=pairs.count)  # the most frequent pair (ties: the first in sorted order)
+        merges.append(" ".join(pair))
+        symbols.append("".join(pair))
+        words = [CLIPTokenizer.merge(w, pair) for w in words]
+    symbols += [SOT, EOT]
+    config = dict(vocab_size=len(symbols), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                  num_attention_heads=heads, max_position_embeddings=context_length, layer_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    weights = {f"text_model.{k}": v.contiguous() for k, v in CLIPTextModel(**config).state_dict().items()}
+    os.makedirs(folder, exist_ok=True)
+    files = {"vocab.json": json.dumps({s: i for i, s in enumerate(symbols)}, ensure_ascii=False),
+             "merges.txt": "\n".join(["#version: 0.2"] + merges) + "\n",
+             "config.json": json.dumps({**config, "architectures": ["CLIPTextModel"], "hidden_act": "quick_gelu"})}
+    for name, text in files.items():
+        atomic_write(os.path.join(folder, name), lambda f, text=text: f.write(text.encode("utf-8")))
+    save_safetensors(weights, os.path.join(folder, "model.safetensors"))
+    return folder

@@ -84,9 +84,8 @@ class LabelEmbedder(nn.Module):
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """Fixed 2D sin-cos table (grid_size^2, embed_dim) in the MAE layout of the official DiT code: channels [0, D/2)
-    encode the column w, [D/2, D) the row h, each half [sin(pos omega_k), cos(pos omega_k)] with
-    omega_k = 1 / 10000^(k / (D/4)). Computed in float64 on the CPU (same bits on every device), returned float32."""
+    """Fixed 2D sin-cos table (grid_size^2, embed_dim), MAE layout as official DiT: channels [0, D/2) the column w,
+    [D/2, D) the row h, each [sin, cos](pos / 10000^(k / (D/4))); float64 on the CPU (same bits anywhere) -> float32."""
     omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64, device="cpu") / (embed_dim / 4))
     coords = torch.arange(grid_size, dtype=torch.float64, device="cpu")
     h, w = torch.meshgrid(coords, coords, indexing="ij")  # token n = h * grid_size + w, row-major as PatchEmbed

@@ -43,27 +43,31 @@ def evaluate(run, log, stop, fid_score=None):
 
 @torch.no_grad()
 def sample_grid(fwd, run, path):
-    """EMA samples from fixed noise (same every time): 8x8, or one row of 8 per class (first 10 classes, guided by
-    --grid-cfg-scale where the model has a null label), with a progress bar over the sampler's network calls."""
+    """EMA samples from fixed noise (same every time): 8x8, or one row of 8 per class (first 10 classes) or per
+    held-out prompt (text-to-image: the first 10, written above their rows), guided by --grid-cfg-scale where the
+    model has a null label, with a progress bar over the sampler's network calls."""
     args, meta, device = run.args, run.meta, run.device
-    n_cls = min(meta["num_classes"], 10)
+    prompts = run.text.held[:10] if run.text else None
+    fwd, null = (run.text.prompts(fwd, prompts), len(prompts)) if run.text else (fwd, run.ema.null_label)
+    n_cls = len(prompts) if run.text else min(meta["num_classes"], 10)
     y = torch.arange(n_cls, device=device).repeat_interleave(8) if n_cls else None
     shape = (len(y) if n_cls else 64, meta["channels"], meta["image_size"], meta["image_size"])
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
-    guided = n_cls and run.ema.null_label is not None  # a model trained with label dropout
-    guide = {"cfg_scale": args.grid_cfg_scale, "null_label": run.ema.null_label} if guided else {}
+    guided = n_cls and null is not None  # a model trained with label (or context) dropout
+    guide = {"cfg_scale": args.grid_cfg_scale, "null_label": null} if guided else {}
     with tqdm(total=run.diffusion.nfe(args.sampler, args.sample_steps), desc=f"grid at step {run.step}", unit="step",
               leave=False) as bar:
         x = run.diffusion.sample(ticking(fwd, bar), shape, sampler=args.sampler, steps=args.sample_steps,
                                  model_kwargs={"y": y} if n_cls else None, noise=noise, device=device,
                                  generator=torch.Generator(device).manual_seed(args.seed),
                                  clip_denoised=run.decode is None, **guide)
-    save_grid(to_uint8(x if run.decode is None else run.decode(x)), path, nrow=8)
+    save_grid(to_uint8(x if run.decode is None else run.decode(x)), path, nrow=8, captions=prompts)
 
 
-def fid_evaluator(args, meta, diffusion, device, decode, procs=None):
-    """fwd -> (FID, IS) of --fid-samples samples (decoded by the VAE for latent runs) vs --fid-ref. The Inception
-    weights and reference statistics are loaded now, before training, so a missing file fails at once."""
+def fid_evaluator(args, meta, diffusion, device, decode, procs=None, text=None):
+    """fwd -> (FID, IS) of --fid-samples samples (decoded by the VAE for latent runs; text-to-image: each of a
+    held-out prompt drawn at random) vs --fid-ref. The Inception weights and reference statistics are loaded now,
+    before training, so a missing file fails at once."""
     if not meta["pixels"] and decode is None:
         raise RunError("--fid-every on latents needs the VAE that decodes them: pass --vae")
     if args.fid_ref.startswith("cifar10") and (args.dataset != "cifar10" or args.image_size != 32):
@@ -75,9 +79,10 @@ def fid_evaluator(args, meta, diffusion, device, decode, procs=None):
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
 
     def score(fwd):  # unguided samples, uniform labels when class-conditional; (None, None) off the main rank
-        batches = generate(fwd, diffusion, shape, args.fid_samples, min(2 * args.batch_size, 256),
-                           num_classes=meta["num_classes"], sampler=args.sampler, steps=args.sample_steps,
-                           seed=args.seed, device=device, decode=decode, procs=procs)  # a bar in sampler steps
+        batches = generate(text.prompts(fwd, text.held) if text else fwd, diffusion, shape, args.fid_samples,
+                           min(2 * args.batch_size, 256), num_classes=len(text.held) if text else meta["num_classes"],
+                           sampler=args.sampler, steps=args.sample_steps, seed=args.seed, device=device, decode=decode,
+                           procs=procs)  # a bar in sampler steps
         if procs is not None and not procs.main:
             for _ in batches:  # this rank's share of the sampling; the main process gathers and scores
                 pass

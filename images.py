@@ -14,8 +14,9 @@ def to_uint8(x):
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def save_grid(images, path, nrow=8, pad=2):
-    """(N, C, H, W) uint8 (C = 1 or 3) -> one PNG (written atomically), nrow per row, pad black pixels between."""
+def save_grid(images, path, nrow=8, pad=2, captions=None):
+    """(N, C, H, W) uint8 (C = 1 or 3) -> one PNG (written atomically), nrow per row, pad black pixels between;
+    captions: a text per row, written above it (text-to-image grids: the prompts)."""
     images = torch.as_tensor(images).cpu()
     if images.ndim != 4 or images.dtype != torch.uint8 or images.shape[1] not in (1, 3):
         raise ValueError(f"save_grid wants uint8 (N, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -30,7 +31,23 @@ def save_grid(images, path, nrow=8, pad=2):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as e:
         raise RunError(f"cannot create the folder of {path} ({first_line(e)}); choose a writable path") from None
-    atomic_write(path, lambda f: Image.fromarray(arr[..., 0] if c == 1 else arr).save(f, format="PNG"))
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    if captions:
+        img = captioned(img.convert("RGB"), captions, h + pad, pad)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def captioned(img, captions, row_height, pad, strip=12):
+    """img with a white strip of text above each row of images (the default bitmap font, cut to the width)."""
+    out = Image.new("RGB", (img.width, img.height + strip * len(captions)), "white")
+    draw, fit = ImageDraw.Draw(out), max(1, img.width // 6)  # the default font: about 6 px per character
+    for r, text in enumerate(captions):
+        top = r * (row_height + strip)
+        draw.text((pad, top), text if len(text) <= fit else text[:fit - 3] + "...", fill="black")
+        out.paste(img.crop((0, r * row_height, img.width, (r + 1) * row_height)), (0, top + strip))
+    rest = img.crop((0, len(captions) * row_height, img.width, img.height))  # the bottom padding
+    out.paste(rest, (0, len(captions) * (row_height + strip)))
+    return out
 
 
 def plot_losses(records, path, size=(800, 480)):
@@ -47,7 +64,6 @@ def plot_losses(records, path, size=(800, 480)):
     d.rectangle([L, T, W - R, H - B], outline="black")
     for i in range(5):
         s, v = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
-        d.line([px(s), H - B, px(s), H - B + 4], fill="black")
         d.text((px(s) - 15, H - B + 8), f"{int(s)}", fill="black")
         d.line([L - 4, py(v), W - R, py(v)], fill=(225, 225, 225))
         d.text((5, py(v) - 6), f"{10 ** v:.4g}", fill="black")

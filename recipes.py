@@ -60,6 +60,21 @@ LATENT_RECIPES = {
     # GenViT reports no latent model: its CIFAR-10 recipe and size on the 32x32x4 latents (patch 4: 64 tokens).
     "genvit": RECIPES["genvit"],
 }
+# Text-to-image (U-ViT only; --dataset captions: pixels or extract_latents.py latents with captions).
+TEXT_RECIPES = {
+    # U-ViT §4.4 / configs/mscoco_uvit_small.py + train_t2i_discrete.py @ ce55170: U-ViT-S/2 on MS-COCO latents, AdamW
+    # lr 2e-4, wd 0.03, betas (0.9, 0.9), batch 256, 5k warm-up, 1M steps, EMA 0.9999, the discrete scaled-linear
+    # schedule, context dropout 0.1; the empty-prompt context for guidance (official scale 1 = our 2), 50 steps.
+    "captions": dict(model="U-ViT-S/2-T2I", steps=1_000_000, batch_size=256, lr=2e-4, weight_decay=0.03,
+                     betas=(0.9, 0.9), warmup=5000, grad_clip=0.0, ema_decay=0.9999, learn_sigma=False,
+                     schedule="scaled_linear", sampler="dpm++2m", sample_steps=50, grid_cfg_scale=2.0,
+                     formulation="ddpm", class_cond=True),
+    # The CPU demo: CIFAR-10 captioned from templates, U-ViT-Tiny-T2I with a small CLIP text tower (README).
+    "cifar10-captions": dict(RECIPES["uvit"], model="U-ViT-Tiny-T2I", model_arg={"patch_size": 4, "conv": False},
+                             class_cond=True, steps=1400, batch_size=64, lr=1e-3, betas=(0.9, 0.999), warmup=50,
+                             prediction="v", sampler="dpm++2m", sample_steps=25, grid_cfg_scale=3.0,
+                             sample_every=700, ckpt_every=200),
+}
 # ----- CPU-sized recipes: what `train_cifar.py --backbone X` trains on a machine without a GPU -----
 # Each paper's recipe cut to show class-conditional CIFAR-10 samples (a grid row per class) on 2 CPU cores in about
 # 15 minutes (measured: README, "What a CPU can do"). Common to all: the backbone's Tiny model at patch 4 (64
@@ -73,10 +88,12 @@ CPU_RECIPES = {
                 batch_size=64, lr=1e-3, warmup=50, sampler="dpm++2m", sample_steps=25, grid_cfg_scale=3.0,
                 sample_every=600, ckpt_every=200),
     # U-ViT's: beta1 0.9, not 0.99 (a 100-step memory is too long for 1k steps); no output conv (its random init
-    # costs a short run most of its progress; README, "What a CPU can do").
+    # costs a short run most of its progress); v-prediction (Salimans & Ho 2022, §4), not eps: at high noise eps
+    # must reproduce the input patch, whose scale U-ViT's final LayerNorm takes away, and the sampler multiplies that
+    # error by up to 156 in x0: saturated 4x4 patches after 1k steps (README, "What a CPU can do").
     "uvit": dict(RECIPES["uvit"], model="U-ViT-Tiny", model_arg={"patch_size": 4, "conv": False}, class_cond=True,
-                 steps=1400, batch_size=64, lr=1e-3, betas=(0.9, 0.999), warmup=50, sampler="dpm++2m",
-                 sample_steps=25, grid_cfg_scale=3.0, sample_every=700, ckpt_every=200),
+                 steps=1400, batch_size=64, lr=1e-3, betas=(0.9, 0.999), warmup=50, prediction="v",
+                 sampler="dpm++2m", sample_steps=25, grid_cfg_scale=3.0, sample_every=700, ckpt_every=200),
     # DiffiT's EDM recipe (Adam lr 1e-3, Heun 18 steps) on DiffiT-Tiny, a U-shape already sized for a CPU.
     "diffit": dict(RECIPES["diffit"], model="DiffiT-Tiny", class_cond=True, steps=1500, batch_size=32, warmup=100,
                    sampler="heun", sample_steps=18, grid_cfg_scale=3.0, sample_every=750, ckpt_every=250),
@@ -84,12 +101,12 @@ CPU_RECIPES = {
     "genvit": dict(RECIPES["genvit"], model="GenViT-Tiny", steps=4000, batch_size=64, warmup=100, sample_steps=100,
                    sample_every=2000, ckpt_every=1000),
 }
-# What a recipe leaves unset: DDPM's linear schedule, L2 loss, constant LR after the warm-up, ADM's 'large' variance;
-# EDM's EMA ramp-up (training.ema_decay), grids and checkpoints every 5000 steps.
-RECIPE_DEFAULTS = dict(schedule="linear", loss_type="l2", lr_schedule="constant", min_lr=0.0, fixed_variance="large",
-                       ema_rampup=0.05, sample_every=5000, ckpt_every=5000, grid_cfg_scale=1.0)
+# What a recipe leaves unset: DDPM's linear schedule and eps-prediction, L2 loss, constant LR after the warm-up, ADM's
+# 'large' variance; EDM's EMA ramp-up (training.ema_decay), grids and checkpoints every 5000 steps.
+RECIPE_DEFAULTS = dict(schedule="linear", prediction="eps", loss_type="l2", lr_schedule="constant", min_lr=0.0,
+                       fixed_variance="large", ema_rampup=0.05, sample_every=5000, ckpt_every=5000, grid_cfg_scale=1.0)
 # The recipe's sampler, its step count and DDPM variance belong to its formulation: another one drops them.
-OWN_FORMULATION = ("sampler", "sample_steps", "fixed_variance")
+OWN_FORMULATION = ("sampler", "sample_steps", "fixed_variance", "prediction")
 
 
 def first(*values):
@@ -98,15 +115,17 @@ def first(*values):
 
 
 def paper_recipe(backbone, dataset):
-    """The backbone's recipe on latents (dataset 'latents') or on pixels."""
-    return (LATENT_RECIPES if dataset == "latents" else RECIPES)[backbone]
+    """The backbone's recipe on latents (dataset 'latents'), captions (TEXT_RECIPES) or pixels."""
+    return TEXT_RECIPES[dataset] if dataset in TEXT_RECIPES else (LATENT_RECIPES if dataset == "latents" else
+                                                                   RECIPES)[backbone]
 
 
 def resolve(args, gpu=True):
     """A new Namespace: train_cifar.py's unset (None) flags from the recipe (without a GPU, CIFAR-10 takes the CPU one
     unless --paper-recipe, --model or --steps), then RECIPE_DEFAULTS. Misfitting flags, an unknown --model: RunError."""
     cpu = not (gpu or args.paper_recipe or args.model or args.steps is not None) and args.dataset == "cifar10"
-    paper = (CPU_RECIPES if cpu else LATENT_RECIPES if args.dataset == "latents" else RECIPES)[args.backbone]
+    paper = TEXT_RECIPES[args.dataset] if args.dataset in TEXT_RECIPES else (
+        CPU_RECIPES if cpu else LATENT_RECIPES if args.dataset == "latents" else RECIPES)[args.backbone]
     formulation = first(args.formulation, paper["formulation"])
     if formulation != paper["formulation"]:
         paper = {k: v for k, v in paper.items() if k not in OWN_FORMULATION}
@@ -114,15 +133,15 @@ def resolve(args, gpu=True):
     if formulation != "ddpm":
         recipe["learn_sigma"] = False  # learned variances are DDPM's (Improved DDPM); EDM and flows have none
     new = {k: first(getattr(args, k), v) for k, v in recipe.items() if k not in ("model_arg", "class_cond")}
+    if args.backbone == "genvit" or args.hybvit or args.dataset in TEXT_RECIPES:
+        check_backbone(args)
     if new["model"] not in importlib.import_module(BACKBONES[args.backbone]).MODELS:  # before any data load
         raise build_error(args.backbone, new["model"], None)
-    if args.backbone == "genvit" or args.hybvit:
-        check_genvit(args)
     diffusion = make_diffusion(formulation=formulation)
     if args.sampler is not None:
         check_sampler(args.sampler, diffusion, formulation)
     sampler = first(args.sampler, recipe.get("sampler"), diffusion.default_sampler)
-    if formulation != "ddpm" and (new["learn_sigma"] or args.prediction != "eps" or args.schedule
+    if formulation != "ddpm" and (new["learn_sigma"] or args.prediction not in (None, "eps") or args.schedule
                                   or args.fixed_variance):  # else silently ignored
         raise RunError(f"--learn-sigma, --prediction, --schedule and --fixed-variance are DDPM options; --formulation "
                        f"{formulation} has its own parameterisation (drop them; add --no-learn-sigma)")
@@ -149,8 +168,11 @@ def recipe_flags(recipe, base):
     return flags
 
 
-def check_genvit(args):
-    """GenViT's denoiser is unconditional; HybViT (--hybvit) is GenViT's classifier objective, on images."""
+def check_backbone(args):
+    """GenViT's denoiser is unconditional; HybViT (--hybvit) is GenViT's classifier objective, on images; captions
+    train a text-to-image model, which only U-ViT has."""
+    if args.dataset in TEXT_RECIPES and args.backbone != "uvit":
+        raise RunError(f"--dataset {args.dataset} trains a text-to-image model, which only U-ViT has: --backbone uvit")
     if args.backbone == "genvit" and args.class_cond:
         raise RunError("GenViT's denoiser is unconditional (Yang et al. 2022): drop --class-cond; --hybvit trains its "
                        "classifier head on the labels")
@@ -178,6 +200,10 @@ def note_recipe(args):
         print(f"no GPU: the CPU-sized recipe ({args.model} at batch {args.batch_size} for {args.steps:,} steps, about "
               f"15 min on 2 cores; recipes.py CPU_RECIPES); --paper-recipe trains the paper's {paper['model']} for "
               f"{paper['steps']:,} steps")
+    elif args.model == paper["model"] and args.dataset in TEXT_RECIPES:
+        print(f"note: {args.model} for {args.steps:,} steps is the paper's GPU recipe and would run for months on a "
+              "CPU; the CPU demo: python train_cifar.py --backbone uvit --dataset cifar10-captions --clip DIR (README, "
+              "\"Text-to-image\")")
     elif args.model == paper["model"]:
         cpu = CPU_COMMAND.format(backbone=args.backbone)
         plain_cpu = f"where no GPU is visible `{cpu}` trains the CPU-sized recipe (about 15 min on 2 cores); "

@@ -80,6 +80,7 @@ class Run:
     device: torch.device
     procs: Processes
     decode: Optional[object] = None  # latents -> images in [-1, 1] (the VAE decoder), None for pixel runs
+    text: Optional[object] = None    # text_runs.TextRun of a caption dataset (its CLIP encoder), else None
     step: int = 0
     elapsed: float = 0.0           # seconds of training before this process
     saved_at: float = 0.0          # seconds of training at the newest checkpoint written or resumed from
@@ -142,10 +143,10 @@ def default_out_dir(args):
     """runs/<backbone>-<model>-<data>[-cond], then whatever else makes another run: a formulation other than the
     recipe's, -hybvit, each --model-arg (recipe's or flag's) as key=value. A run that an older version wrote under
     the name without them continues there when its config.json holds the same settings."""
-    data_name = "cifar10"
-    if args.dataset != "cifar10":
+    data_name = args.dataset  # cifar10, cifar10-captions; other data: its folder's name
+    if args.dataset not in ("cifar10", "cifar10-captions"):
         data_name = os.path.splitext(os.path.basename(os.path.normpath(args.data_dir)))[0]
-    cond = "-cond" if args.class_cond else ""
+    cond = "-cond" if args.class_cond and args.dataset not in ("captions", "cifar10-captions") else ""
     old = os.path.join("runs", f"{args.backbone}-{args.model.replace('/', '-')}-{data_name}{cond}")
     extra = [args.formulation] * (args.formulation != paper_recipe(args.backbone, args.dataset)["formulation"])
     extra += ["hybvit"] * args.hybvit + [re.sub(r"[^\w.,=+-]", "", f"{k}={v}")

@@ -27,6 +27,7 @@ import torch
 import fid
 import official
 from backbones import load_model
+from captions import read_prompts
 from clip import FrozenCLIPEmbedder, prompt_conditioning
 from checkpoints import code_refusal, load_reason, validate_checkpoint
 from devices import Processes, autocast_forward, check_precision, start_processes
@@ -120,7 +121,7 @@ def load(args, device):
     defaults = dict(sampler=trained["sampler"] if own else diffusion.default_sampler, cfg_scale=1.0,
                     steps=trained.get("sample_steps") if own else None, cfg_channels=None, cfg_label=None)
     head = f"{ckpt['backbone']} {ckpt['model_name']} at step {ckpt['step']} ({'EMA' if args.ema else 'raw'} weights)"
-    return model, model, diffusion, ckpt["data"], defaults, head
+    return model, model, diffusion, {**ckpt["data"], "text": ckpt.get("text", {})}, defaults, head
 
 
 def resolve(args, diffusion, defaults, null_label):
@@ -174,24 +175,25 @@ def vae_decoder(args, meta, device):
 
 
 def text_prompts(args, model, net, meta, device):
-    """Text-to-image: the prompts of --prompt and --prompts FILE, encoded once by the CLIP text tower of --clip;
-    sampling sees them as labels 0..P-1 and the empty prompt as the null label P (clip.prompt_conditioning), so
-    guidance, --class-label (a prompt's index) and the npz labels (arr_1) work as for classes."""
+    """Text-to-image: the prompts of --prompt and --prompts FILE (a text file, metadata.jsonl or COCO captions_*.json;
+    our checkpoints default to their run's held-out prompts), encoded batch by batch by the CLIP text tower of --clip
+    (ours default to the run's); sampling sees them as labels 0..P-1 and the empty prompt as the null label P
+    (clip.prompt_conditioning), so guidance, --class-label (a prompt's index) and the npz labels (arr_1) work as for
+    classes. Up to 16 prompts (and no --class-label) make a grid with a captioned row per prompt (prompt_rows)."""
     if not getattr(model, "text_cond", False):
         raise RunError("--prompt / --prompts need a text-to-image model (e.g. the official mscoco_uvit_small.pth)")
-    if args.prompts and not os.path.isfile(args.prompts):
-        raise RunError(f"--prompts {args.prompts} does not exist; pass a text file with one prompt per line")
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        with open(args.prompts, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
-    if not prompts or not args.clip:
+    run = meta.get("text", {})  # what a train_cifar.py text-to-image run recorded
+    prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
+    prompts, clip_dir = prompts or run.get("prompts", []), args.clip or run.get("clip")
+    if not prompts or not clip_dir:
         raise RunError("a text-to-image model needs --prompt TEXT (or --prompts FILE) and --clip DIR, the Hugging "
                        "Face openai/clip-vit-large-patch14 folder")
-    encoder = FrozenCLIPEmbedder(args.clip, device, width=model.clip_dim)
+    encoder = FrozenCLIPEmbedder(clip_dir, device, width=model.clip_dim)
     for i, p in enumerate(prompts[:8]):
         print(f"prompt {i}: {p!r}")
-    return prompt_conditioning(net, encoder, prompts, model), {**meta, "num_classes": len(prompts)}, len(prompts)
+    rows = prompts if len(prompts) <= 16 and args.class_label is None else None
+    return prompt_conditioning(net, encoder, prompts, model), {**meta, "num_classes": len(prompts),
+                                                               "prompt_rows": rows}, len(prompts)
 
 
 def fid_setup(args, meta, device):
@@ -234,7 +236,8 @@ def run(args, procs=None, device=None):
     s = resolve(args, diffusion, defaults, null_label)
     decode = None if meta["pixels"] else vae_decoder(args, meta, device)
     print(f"{head}, {s.sampler} {s.steps} steps, cfg {s.cfg_label}, {args.num_samples} samples on {device}")
-    n_cls = meta["num_classes"]
+    n_cls, rows = meta["num_classes"], meta.get("prompt_rows")  # rows: a captioned grid row per prompt
+    labels = torch.arange(n_cls).repeat_interleave(-(-args.num_samples // n_cls))[:args.num_samples] if rows else None
     if args.class_label is not None:
         check_class_label(args.class_label, n_cls)
     path = grid_path(args, s)
@@ -245,14 +248,16 @@ def run(args, procs=None, device=None):
 
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
     batches = list(generate(autocast_forward(net, device, args.precision), diffusion, shape, args.num_samples,
-                            args.batch_size, num_classes=n_cls, class_label=args.class_label, sampler=s.sampler,
+                            args.batch_size, num_classes=n_cls, class_label=args.class_label if labels is None
+                            else labels, sampler=s.sampler,
                             steps=s.steps, eta=args.eta, cfg_scale=s.cfg_scale, cfg_channels=s.cfg_channels,
                             null_label=null_label, seed=args.seed, device=device, decode=decode, procs=procs))
     if not procs.main:  # this process sampled its share; the main process gathered them all in order
         return None
     images = torch.cat([x for x, _ in batches])                               # (N, C, H, W) uint8
     grid = images[:256]
-    save_grid(grid, path, nrow=args.nrow or math.ceil(math.sqrt(len(grid))))
+    per_row = -(-args.num_samples // n_cls) if rows and args.num_samples <= 256 and not args.nrow else None
+    save_grid(grid, path, nrow=args.nrow or per_row or math.ceil(math.sqrt(len(grid))), captions=per_row and rows)
     print(f"grid of {len(grid)} samples: {path}")
     if args.npz:
         write_npz(args.npz, images, torch.cat([y for _, y in batches]) if n_cls else None)

@@ -45,7 +45,10 @@ def ticking(fwd, bar):
 
 
 def draw_labels(num_samples, num_classes, class_label, gen):
-    """class_label for every sample, else uniform labels from gen (drawn before any noise)."""
+    """class_label for every sample (or a (num_samples,) tensor of them), else uniform labels from gen (drawn
+    before any noise)."""
+    if torch.is_tensor(class_label):
+        return class_label
     if class_label is not None:
         return torch.full((num_samples,), class_label)
     return torch.randint(num_classes, (num_samples,), generator=gen)

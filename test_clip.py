@@ -151,9 +151,15 @@ def test_prompt_conditioning_maps_labels_to_contexts():
     model = TextUViT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, clip_dim=16,
                      num_clip_token=5).eval()
 
-    class Encoder:
+    class Encoder:  # ids: each text's length at every position; context: those as floats, 16 wide
+        def tokenizer(self, texts):
+            return torch.tensor([[len(t)] * 5 for t in texts])
+
+        def context(self, ids):
+            return ids[..., None].float().expand(-1, -1, 16)
+
         def encode(self, texts):
-            return torch.stack([torch.full((5, 16), float(len(t))) for t in texts])
+            return self.context(self.tokenizer(texts))
     calls = []
     fwd = prompt_conditioning(lambda x, t, y=None: calls.append(y) or x, Encoder(), ["cat", "a dog"], model)
     fwd(torch.zeros(3), torch.zeros(3), y=torch.tensor([1, 2, 0]))

@@ -38,8 +38,9 @@ from evaluation import evaluate, fid_evaluator
 from files import atomic_write, check_dir
 from finetune import init_weights
 from hybvit import HybViT
-from recipes import CPU_COMMAND, note_recipe, resolve  # noqa: F401 (CPU_COMMAND: the README's, re-exported)
+from recipes import CPU_COMMAND, TEXT_RECIPES, note_recipe, resolve  # noqa: F401 (CPU_COMMAND: re-exported)
 from runs import Run, StopOnSignal, TrainLog, default_out_dir, prepare_folder, resume_path
+from text_runs import Captioned, TextRun, load_text_data
 from training import ema_decay, learning_rate, step_draws, train_step, update_ema
 from vae import latent_decoder
 
@@ -74,9 +75,14 @@ FLAGS = {
                                                     "there for CIFAR-10: the CPU-sized recipe, recipes.py)"),
     "--model-arg": dict(type=model_arg, action="append", default=[], metavar="KEY=VALUE",
                         help="constructor override, repeatable (e.g. --model-arg depth=6)"),
-    "--dataset": dict(default="cifar10", choices=["cifar10", "folder", "latents"]),
+    "--dataset": dict(default="cifar10", choices=["cifar10", "folder", "latents", "captions", "cifar10-captions"],
+                      help="captions: images or extract_latents.py latents with captions (text-to-image U-ViT); "
+                           "cifar10-captions: CIFAR-10 captioned from templates (the CPU text-to-image demo)"),
     "--data-dir": dict(default="data", help="cifar10: download folder; folder: image root; latents: an "
                                             "extract_latents.py folder or a .npz/.pt file"),
+    "--captions": dict(help="captions: the caption file (default: DATA_DIR/metadata.jsonl; or COCO captions_*.json)"),
+    "--clip": dict(help="captions: the CLIP text tower folder (openai/clip-vit-large-patch14, or "
+                        "clip.write_small_clip's for the CPU demo)"),
     "--cifar-url": dict(help="override the CIFAR-10 tarball URL (a mirror or file://)"),
     "--image-size": dict(type=int, default=32),
     "--no-flip": dict(dest="flip", action="store_false", help="no random horizontal flips"),
@@ -88,7 +94,8 @@ FLAGS = {
     "--learn-sigma": dict(action=BOOL, help="learned variance, hybrid loss"),
     "--schedule": dict(choices=SCHEDULES, help="default: the recipe's (linear; U-ViT latents: scaled_linear; "
                                                "GenViT: cosine)"),
-    "--prediction": dict(default="eps", choices=PREDICTIONS, help="ddpm: what the network predicts"),
+    "--prediction": dict(choices=PREDICTIONS, help="ddpm: what the network predicts (default: the recipe's, eps; "
+                                                   "U-ViT's CPU recipes: v)"),
     "--fixed-variance": dict(choices=["large", "small"], help="ddpm without --learn-sigma: sampling variance "
                                                               "beta_t (large) or the posterior's (small, GenViT)"),
     "--loss-type": dict(choices=LOSS_TYPES, help="squared (l2) or absolute (l1, GenViT) error; default: the "
@@ -183,12 +190,13 @@ def parse_args(argv=None, gpu=True):
 
 def load_data(args):
     """-> (args completed by the data, images or latents (N, C, H, W), labels (N,) or None, class names)."""
-    x, y, names = load_dataset(args.dataset, args.data_dir, args.image_size, args.cifar_url)
-    latents = {"image_size": x.shape[-1], "flip": False} if args.dataset == "latents" else {}
+    x, y, names = load_text_data(args) if args.dataset in TEXT_RECIPES else load_dataset(
+        args.dataset, args.data_dir, args.image_size, args.cifar_url)  # captions: labels are caption rows
+    latents = {"image_size": x.shape[-1], "flip": False} if getattr(x, "dtype", None) != torch.uint8 else {}
     class_cond = isinstance(x, LatentFolder) and bool(names) if args.class_cond is None else args.class_cond
     args = argparse.Namespace(**{**vars(args), **latents, "class_cond": class_cond})
     labelled = args.class_cond or args.hybvit
-    if labelled and not names:
+    if labelled and not names and not isinstance(y, Captioned):
         raise RunError(f"{'--class-cond' if args.class_cond else '--hybvit'} needs labels: one sub-folder per class "
                        f"in {args.data_dir} (or labels in the latents file)")
     kind = "memory-mapped moments" if isinstance(x, LatentFolder) else x.dtype
@@ -217,14 +225,15 @@ def setup(args, procs, device):
     random.seed(args.seed)
     args, x, labels, names = load_data(args)
     num_classes = len(names) if args.class_cond else 0
+    text = TextRun(args.clip, labels, device) if isinstance(labels, Captioned) else None  # CLIP, captions' contexts
     meta = {"dataset": args.dataset, "image_size": args.image_size, "channels": x.shape[1], "num_classes": num_classes,
-            "class_names": names if args.class_cond else [], "pixels": args.dataset != "latents"}
-    if args.dataset == "latents":
+            "class_names": names if args.class_cond else [], "pixels": getattr(x, "dtype", None) == torch.uint8}
+    if not meta["pixels"]:
         meta.update(latent_meta(args, x))
     head = len(names) if args.backbone == "genvit" else num_classes  # GenViT: its classifier head's classes
     kwargs = {"input_size": args.image_size, "in_channels": x.shape[1], "num_classes": head,
               "class_dropout_prob": args.class_dropout if args.class_cond else 0.0, "learn_sigma": args.learn_sigma,
-              **args.model_arg}
+              **(text.model_kwargs if text else {}), **args.model_arg}
     model = build_model(args.backbone, args.model, attention=args.attention, grad_checkpoint=args.grad_checkpoint,
                         **kwargs)
     if args.model_arg:  # only an override can make the model disagree with the data
@@ -237,19 +246,19 @@ def setup(args, procs, device):
                         learn_sigma=args.learn_sigma, fixed_variance=args.fixed_variance)
     diffusion = make_diffusion(**recorded)
     config = {"backbone": args.backbone, "model_name": args.model, "model_kwargs": plain(kwargs), "data": meta,
-              "diffusion": recorded}
+              "diffusion": recorded, **(text.config if text else {})}  # captions: the CLIP folder and prompts
     if args.init_from or ckpt and "init_from" in ckpt:  # a fine-tuning run: the weights it started from
         config["init_from"] = init_weights(model, args, config, ckpt)
     if ckpt is not None:
         args = as_trained(args, ckpt, config, ckpt_path)
     decode = None if meta["pixels"] else latent_decode(args, meta, device)
-    fid_score = fid_evaluator(args, meta, diffusion, device, decode, procs) if args.fid_every else None
+    fid_score = fid_evaluator(args, meta, diffusion, device, decode, procs, text) if args.fid_every else None
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # the EMA starts as a copy (DiT train.py)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 only
-    run = Run(args, model, ema, opt, scaler, diffusion, meta, config, out_dir, device, procs, decode)
+    run = Run(args, model, ema, opt, scaler, diffusion, meta, config, out_dir, device, procs, decode, text)
     if ckpt is not None:
         run.restore(ckpt, ckpt_path)
     batches = Batches(x, labels if args.class_cond else None, args.batch_size, args.seed, device, args.flip,
@@ -310,9 +319,9 @@ def train(run, batches, fid_score=None, hybvit=None):
     args, model, procs = run.args, run.model, run.procs
     net = procs.wrap(model, run.device, find_unused_parameters=args.backbone == "genvit")  # GenViT's classifier
     fwd = autocast_forward(torch.compile(net) if args.compile else net, run.device, args.precision)
+    fwd = run.text.wrap(fwd, model) if run.text else fwd  # captions: caption rows -> CLIP contexts
     params = list(model.parameters())
     keys = ["loss", "mse"] + ["vb"] * run.diffusion.learn_sigma + ["l1"] * (args.loss_type == "l1")
-    dropout = args.class_dropout if args.class_cond else 0.0  # label dropout for classifier-free guidance
     model.train()
     log = TrainLog(run, keys + (HybViT.KEYS if hybvit else []))
     with log.bar, StopOnSignal() as stop:  # the progress bar closes on the way out
@@ -321,8 +330,8 @@ def train(run, batches, fid_score=None, hybvit=None):
             lr = learning_rate(args, run.step)
             for g in run.opt.param_groups:
                 g["lr"] = lr
-            draws = step_draws(run.diffusion, run.step, args.seed, batches.shape, batches.part, run.device, dropout,
-                               latent_noise=batches.latents)  # the global batch's t, noise, flips: this rank's part
+            draws = step_draws(run.diffusion, run.step, args.seed, batches.shape, batches.part, run.device,
+                               args.class_dropout * args.class_cond, latent_noise=batches.latents)  # label dropout
             x, y = batches(run.step, draws.flip, draws.latent_noise)
             joint = hybvit.joint(run.step) if hybvit else None  # HybViT: + cross-entropy on a second batch
             terms, gnorm = train_step(fwd, run.diffusion, run.opt, run.scaler, params, x, y, args.grad_clip, joint,

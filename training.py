@@ -34,9 +34,8 @@ class Draws:
 
 
 def step_draws(diffusion, step, seed, shape, part, device, label_dropout=0.0, latent_noise=False):
-    """The randomness of training step `step` for the whole global batch of `shape` (B, C, H, W), from one
-    generator seeded by (seed, step), sliced to this process's `part`: flips, the latents' noise, t, the noise,
-    label dropout. Every process draws the same, so any number of processes gives the same run."""
+    """Step `step`'s flips, latents' noise, t, noise and label dropout for the global batch `shape`, from a generator
+    seeded by (seed, step), sliced to this process's `part`: any number of processes gives the same run."""
     g = torch.Generator(device).manual_seed(seed * 2 ** 32 + step)
     B = shape[0]
     flip = torch.rand(B, generator=g, device=device)[part] < 0.5

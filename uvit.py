@@ -302,4 +302,7 @@ MODELS = {
     "U-ViT-S/2-Deep-T2I": partial(TextUViT, input_size=32, patch_size=2, in_channels=4, hidden_size=512, depth=16,
                                   num_heads=8, num_classes=0, class_dropout_prob=0.1, clip_dim=768,
                                   num_clip_token=77),
+    # CPU-sized text-to-image (README, "Text-to-image"): a small CLIP text tower's context (clip.write_small_clip)
+    "U-ViT-Tiny-T2I": partial(TextUViT, input_size=32, patch_size=2, in_channels=3, hidden_size=128, depth=6,
+                              num_heads=4, num_classes=0, class_dropout_prob=0.1, clip_dim=64, num_clip_token=16),
 }
