@@ -130,3 +130,32 @@ def test_sampling_refuses_a_clip_of_another_width(tmp_path, cifar_dir, small_cli
         sample.main(["--ckpt", str(out / "latest.pt"), "--num-samples", "2", "--prompts", str(tmp_path / "none.txt"),
                      "--out", str(tmp_path / "x.png")])
     assert "does not exist" in one_line_error(e, capsys)
+
+
+def test_training_on_extracted_latents_with_captions(tmp_path, tiny_vae, small_clip):
+    """An image folder with metadata.jsonl -> extract_latents.py --captions -> --dataset captions on the latents:
+    the held-out image's two captions are the grid's two rows, decoded through the VAE."""
+    import numpy as np
+    from PIL import Image
+
+    import extract_latents
+    data = tmp_path / "photos"
+    data.mkdir()
+    rows = []
+    for i in range(24):
+        name = CIFAR_CLASSES[i % 10]
+        Image.fromarray(np.full((16, 16, 3), 20 * (i % 10), np.uint8)).save(data / f"{i:02d}.png")
+        rows.append({"file_name": f"{i:02d}.png", "text": [f"a photo of a {name}", f"a small {name}"]})
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lat = tmp_path / "lat"
+    extract_latents.main(["--data-dir", str(data), "--image-size", "16", "--vae", tiny_vae, "--out", str(lat),
+                          "--batch-size", "4", "--device", "cpu", "--workers", "0", "--captions"])
+    out = tmp_path / "run"
+    train_cifar.main(["--backbone", "uvit", "--dataset", "captions", "--data-dir", str(lat), "--clip", small_clip,
+                      "--model", "U-ViT-Tiny-T2I", "--model-arg", "hidden_size=32", "--model-arg", "depth=2",
+                      "--model-arg", "num_heads=2", "--batch-size", "4", "--steps", "2", "--sample-every", "2",
+                      "--sample-steps", "2", "--out-dir", str(out)])
+    ckpt = torch.load(out / "latest.pt", weights_only=False)
+    assert ckpt["data"]["pixels"] is False and ckpt["model_kwargs"]["in_channels"] == 4
+    assert len(ckpt["text"]["prompts"]) == 2  # 24 images: one held out, with its two captions
+    assert image(out / "samples" / "step_0000002_ema.png").shape == (2 + 2 * (16 + 2) + 2 * 12, 2 + 8 * 18, 3)
