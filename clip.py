@@ -353,11 +353,12 @@ class TextContext:
     sampler's steps encode each batch once. wrap(fwd) is fwd with labels y turned into contexts."""
 
     def __init__(self, encoder, texts):
-        self.encoder, self.ids, self.last = encoder, encoder.tokenizer(list(texts) + [""]).int(), None  # int32 rows
+        self.encoder, self.last = encoder, None
+        self.ids = encoder.tokenizer(list(texts) + [""]).int().to(encoder.device)  # int32 rows, where y will be
 
     def __call__(self, y):
         if self.last is None or self.last[0].shape != y.shape or not torch.equal(self.last[0], y):
-            self.last = (y.clone(), self.encoder.context(self.ids[y.cpu()].long()))
+            self.last = (y.clone(), self.encoder.context(self.ids[y.to(self.ids.device)].long()))
         return self.last[1]
 
     def wrap(self, fwd):

@@ -152,6 +152,8 @@ def test_prompt_conditioning_maps_labels_to_contexts():
                      num_clip_token=5).eval()
 
     class Encoder:  # ids: each text's length at every position; context: those as floats, 16 wide
+        device = "cpu"
+
         def tokenizer(self, texts):
             return torch.tensor([[len(t)] * 5 for t in texts])
 
