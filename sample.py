@@ -118,8 +118,9 @@ def load(args, device):
     diffusion = make_diffusion(**ckpt["diffusion"])  # the checkpoint's formulation (ddpm, edm or flow)
     trained = ckpt.get("args", {})  # the run's grid / FID sampler (e.g. the DiT latent recipe's 250-step DDPM)
     own = trained.get("sampler") in diffusion.SAMPLERS
-    defaults = dict(sampler=trained["sampler"] if own else diffusion.default_sampler, cfg_scale=1.0,
-                    steps=trained.get("sample_steps") if own else None, cfg_channels=None, cfg_label=None)
+    cfg = trained.get("grid_cfg_scale", 1.0) if "text" in ckpt else 1.0  # text-to-image: the run's grid guidance
+    defaults = dict(sampler=trained["sampler"] if own else diffusion.default_sampler, cfg_scale=cfg,
+                    steps=trained.get("sample_steps") if own else None, cfg_channels=None, cfg_label=f"{cfg:g}")
     head = f"{ckpt['backbone']} {ckpt['model_name']} at step {ckpt['step']} ({'EMA' if args.ema else 'raw'} weights)"
     return model, model, diffusion, {**ckpt["data"], "text": ckpt.get("text", {})}, defaults, head
 
