@@ -201,7 +201,8 @@ def validate_checkpoint(ckpt, path, resume=False):
     return ckpt
 
 
-MAY_CHANGE = {"data.vae"}  # which VAE decodes the grids may change on resume; the latents may not
+# Which VAE decodes the grids may change on resume (the latents may not), and where the CLIP folder lies.
+MAY_CHANGE = {"data.vae", "text.clip"}
 # Settings recorded only since a later version, with the value every older checkpoint was trained with.
 ADDED = {"diffusion.loss_type": "l2", "diffusion.fixed_variance": "large"}
 # Provenance recorded only since a later version: unknown in older checkpoints, so not compared there.

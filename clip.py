@@ -354,7 +354,9 @@ class TextContext:
 
     def __init__(self, encoder, texts):
         self.encoder, self.last = encoder, None
-        self.ids = encoder.tokenizer(list(texts) + [""]).int().to(encoder.device)  # int32 rows, where y will be
+        distinct = {t: i for i, t in enumerate(dict.fromkeys(list(texts) + [""]))}  # each text tokenized once
+        rows = torch.tensor([distinct[t] for t in list(texts) + [""]])
+        self.ids = encoder.tokenizer(list(distinct))[rows].int().to(encoder.device)  # int32 rows, where y will be
 
     def __call__(self, y):
         if self.last is None or self.last[0].shape != y.shape or not torch.equal(self.last[0], y):

@@ -70,7 +70,8 @@ def fid_evaluator(args, meta, diffusion, device, decode, procs=None, text=None):
     before training, so a missing file fails at once."""
     if not meta["pixels"] and decode is None:
         raise RunError("--fid-every on latents needs the VAE that decodes them: pass --vae")
-    if args.fid_ref.startswith("cifar10") and (args.dataset != "cifar10" or args.image_size != 32):
+    if args.fid_ref.startswith("cifar10") and (args.dataset not in ("cifar10", "cifar10-captions")
+                                               or args.image_size != 32):
         raise RunError(f"--fid-ref {args.fid_ref} only fits CIFAR-10 at 32x32; pass a stats .npz made with fid.py")
     try:
         inception, ref = fid.fid_setup(args.fid_ref, args.data_dir, device)

@@ -33,6 +33,8 @@ def save_grid(images, path, nrow=8, pad=2, captions=None):
         raise RunError(f"cannot create the folder of {path} ({first_line(e)}); choose a writable path") from None
     img = Image.fromarray(arr[..., 0] if c == 1 else arr)
     if captions:
+        if len(captions) != math.ceil(n / cols):
+            raise ValueError(f"save_grid: {len(captions)} captions for {math.ceil(n / cols)} rows")
         img = captioned(img.convert("RGB"), captions, h + pad, pad)
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 

@@ -173,6 +173,9 @@ def check_backbone(args):
     train a text-to-image model, which only U-ViT has."""
     if args.dataset in TEXT_RECIPES and args.backbone != "uvit":
         raise RunError(f"--dataset {args.dataset} trains a text-to-image model, which only U-ViT has: --backbone uvit")
+    if args.dataset in TEXT_RECIPES and args.class_cond is False:
+        raise RunError(f"--dataset {args.dataset} conditions on its captions: drop --no-class-cond (--class-dropout "
+                       "sets how often the empty prompt replaces them)")
     if args.backbone == "genvit" and args.class_cond:
         raise RunError("GenViT's denoiser is unconditional (Yang et al. 2022): drop --class-cond; --hybvit trains its "
                        "classifier head on the labels")

@@ -141,14 +141,15 @@ class Run:
 
 def default_out_dir(args):
     """runs/<backbone>-<model>-<data>[-cond], then whatever else makes another run: a formulation other than the
-    recipe's, -hybvit, each --model-arg (recipe's or flag's) as key=value. A run that an older version wrote under
-    the name without them continues there when its config.json holds the same settings."""
+    recipe's, a prediction other than eps, -hybvit, each --model-arg (recipe's or flag's) as key=value. A run that an
+    older version wrote under the name without them continues there when its config.json holds the same settings."""
     data_name = args.dataset  # cifar10, cifar10-captions; other data: its folder's name
     if args.dataset not in ("cifar10", "cifar10-captions"):
         data_name = os.path.splitext(os.path.basename(os.path.normpath(args.data_dir)))[0]
     cond = "-cond" if args.class_cond and args.dataset not in ("captions", "cifar10-captions") else ""
     old = os.path.join("runs", f"{args.backbone}-{args.model.replace('/', '-')}-{data_name}{cond}")
     extra = [args.formulation] * (args.formulation != paper_recipe(args.backbone, args.dataset)["formulation"])
+    extra += [f"prediction={args.prediction}"] * (args.formulation == "ddpm" and args.prediction != "eps")
     extra += ["hybvit"] * args.hybvit + [re.sub(r"[^\w.,=+-]", "", f"{k}={v}")
                                        for k, v in sorted(args.model_arg.items())]
     new = "-".join([old] + extra)

@@ -69,7 +69,8 @@ FLAGS = {  # flag -> argparse settings, in --help order
                                        "DiT-XL/2"),
     "--prompt": dict(action="append", help="text-to-image: a prompt (repeat for more; samples draw among them); "
                                            "guidance --cfg-scale 2 = the official scale 1"),
-    "--prompts": dict(help="text-to-image: a text file with one prompt per line"),
+    "--prompts": dict(help="text-to-image: a text file with one prompt per line, or the captions of a metadata.jsonl "
+                           "or COCO captions_*.json"),
     "--clip": dict(help="text-to-image: the Hugging Face openai/clip-vit-large-patch14 folder"),
     "--device": dict(default=None, help="default: cuda if available, else cpu"),
     "--precision": dict(choices=["bf16", "fp16", "fp32"], default="fp32", help="fp16 needs a CUDA GPU"),
@@ -199,7 +200,8 @@ def text_prompts(args, model, net, meta, device):
 
 def fid_setup(args, meta, device):
     """(Inception, reference stats) for --fid-ref, loaded before minutes of sampling."""
-    if args.fid_ref.startswith("cifar10") and (meta["dataset"], meta["image_size"]) != ("cifar10", 32):
+    if args.fid_ref.startswith("cifar10") and (meta["dataset"] not in ("cifar10", "cifar10-captions")
+                                               or meta["image_size"] != 32):
         raise RunError(f"--fid-ref {args.fid_ref} only fits CIFAR-10 at 32x32; pass a stats .npz made with fid.py")
     if args.num_samples < 10_000:
         print(f"note: FID from {args.num_samples} samples is biased upwards; papers use 50,000 (--num-samples)")
@@ -258,7 +260,8 @@ def run(args, procs=None, device=None):
     images = torch.cat([x for x, _ in batches])                               # (N, C, H, W) uint8
     grid = images[:256]
     per_row = -(-args.num_samples // n_cls) if rows and args.num_samples <= 256 and not args.nrow else None
-    save_grid(grid, path, nrow=args.nrow or per_row or math.ceil(math.sqrt(len(grid))), captions=per_row and rows)
+    save_grid(grid, path, nrow=args.nrow or per_row or math.ceil(math.sqrt(len(grid))),
+              captions=per_row and rows[:math.ceil(len(grid) / per_row)])  # the prompts that have a row
     print(f"grid of {len(grid)} samples: {path}")
     if args.npz:
         write_npz(args.npz, images, torch.cat([y for _, y in batches]) if n_cls else None)

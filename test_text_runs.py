@@ -86,6 +86,9 @@ def test_training_on_captions_end_to_end(tmp_path, cifar_dir, small_clip):
     s = tmp_path / "s.png"  # our checkpoint: its CLIP and held-out prompts by default, a captioned row per prompt
     sample.main(["--ckpt", str(out / "latest.pt"), "--num-samples", "20", "--steps", "1", "--out", str(s)])
     assert image(s).shape == (2 + 10 * 34 + 10 * 12, 2 + 2 * 34, 3)
+    few = tmp_path / "few.png"  # fewer samples than prompts: a row for each prompt that has one
+    sample.main(["--ckpt", str(out / "latest.pt"), "--num-samples", "8", "--steps", "1", "--out", str(few)])
+    assert image(few).shape == (2 + 8 * 34 + 8 * 12, 2 + 34, 3)
     npz = tmp_path / "s.npz"
     sample.main(["--ckpt", str(out / "latest.pt"), "--num-samples", "4", "--steps", "1", "--prompt", "a small cat",
                  "--prompt", "a small dog", "--npz", str(npz), "--out", str(tmp_path / "p.png")])
@@ -108,6 +111,7 @@ def test_the_null_context_is_the_empty_prompt(tmp_path, cifar_dir, small_clip):
 @pytest.mark.parametrize("extra, phrase", [
     (["--backbone", "dit"], "only U-ViT has"),
     (["--no-clip"], "needs --clip DIR"),
+    (["--no-class-cond"], "drop --no-class-cond"),
 ])
 def test_caption_runs_refuse_in_one_line(tmp_path, cifar_dir, small_clip, capsys, extra, phrase):
     argv = T2I + ["--data-dir", cifar_dir, "--out-dir", str(tmp_path / "r"), "--steps", "1"]
@@ -159,3 +163,19 @@ def test_training_on_extracted_latents_with_captions(tmp_path, tiny_vae, small_c
     assert ckpt["data"]["pixels"] is False and ckpt["model_kwargs"]["in_channels"] == 4
     assert len(ckpt["text"]["prompts"]) == 2  # 24 images: one held out, with its two captions
     assert image(out / "samples" / "step_0000002_ema.png").shape == (2 + 2 * (16 + 2) + 2 * 12, 2 + 8 * 18, 3)
+
+
+def test_captioned_grid_needs_a_caption_per_row(tmp_path):
+    from images import save_grid
+    with pytest.raises(ValueError, match="3 captions for 2 rows"):
+        save_grid(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), str(tmp_path / "g.png"), nrow=2, captions=["a", "b", "c"])
+
+
+def test_v_prediction_runs_get_their_own_folder():
+    """U-ViT's CPU recipes predict v: a run folder apart from the eps runs an earlier version wrote."""
+    from runs import default_out_dir
+    cpu = train_cifar.parse_args(["--backbone", "uvit"], gpu=False)
+    assert default_out_dir(cpu) == "runs/uvit-U-ViT-Tiny-cifar10-cond-prediction=v-conv=False-patch_size=4"
+    eps = train_cifar.parse_args(["--backbone", "uvit", "--prediction", "eps"], gpu=False)
+    assert default_out_dir(eps) == "runs/uvit-U-ViT-Tiny-cifar10-cond-conv=False-patch_size=4"
+    assert default_out_dir(train_cifar.parse_args(["--backbone", "uvit"])) == "runs/uvit-U-ViT-S-2-cifar10"
