@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from data import center_crop_resize
 from devices import resolve_device
 from errors import RunError, first_line
 from fid_inception import DEFAULT_CACHE_DIR, build_inception
@@ -205,9 +206,11 @@ def reference_stats(name, data_dir="data", cache_dir=None, model=None, batch_siz
     return mu, sigma, path
 
 
-def image_folder_batches(folder, batch_size):
+def image_folder_batches(folder, batch_size, image_size=None):
     """(iterator of uint8 (B, H, W, 3) batches, count) over the PNG/JPG files under folder, sorted. Every file's
-    header is read first, so a broken file or mixed sizes fail before any network is built."""
+    header is read first, so a broken file or mixed sizes fail before any network is built. image_size: each image
+    center-cropped and resized to it first (data.center_crop_resize, as training and extraction; e.g. COCO val2014
+    at 256 for the text-to-image FID), so sizes may differ."""
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
                    if f.lower().endswith(IMAGE_EXTS))
     if len(files) < 2:
@@ -219,7 +222,7 @@ def image_folder_batches(folder, batch_size):
                 sizes.add(im.size)
         except (OSError, Image.DecompressionBombError) as e:
             raise RunError(f"cannot read image {f} ({first_line(e)}); remove or replace it") from None
-    if len(sizes) > 1:
+    if len(sizes) > 1 and not image_size:
         raise RunError(f"images under {folder} differ in size ({sorted(sizes)[:3]}...); resize them to one size")
 
     def batches():
@@ -228,7 +231,8 @@ def image_folder_batches(folder, batch_size):
             for f in files[i:i + batch_size]:
                 try:
                     with Image.open(f) as im:
-                        imgs.append(np.asarray(im.convert("RGB")))
+                        imgs.append(center_crop_resize(im, image_size).permute(1, 2, 0).numpy() if image_size
+                                    else np.asarray(im.convert("RGB")))
                 except OSError as e:  # a header that reads but a body that does not
                     raise RunError(f"cannot decode image {f} ({first_line(e)}); remove or replace it") from None
             yield np.stack(imgs)
@@ -241,7 +245,7 @@ def open_source(src, args):
     if src in NAMED_REFS:
         return "named", src
     if os.path.isdir(src):
-        return "images", image_folder_batches(src, args.batch_size)
+        return "images", image_folder_batches(src, args.batch_size, getattr(args, "image_size", None))
     if src.endswith(".npz") and os.path.isfile(src):
         z = read_npz(src)
         if "mu" in z and "sigma" in z:
@@ -314,11 +318,13 @@ def parse_args(argv=None):
     ap.add_argument("--weights", default=None, help="pt_inception-2015-12-05-6726825d.pth path (or $FID_WEIGHTS)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--image-size", type=int, help="folders: center-crop and resize every image to this size first "
+                                                   "(e.g. 256 for COCO val2014), as training does")
     args = ap.parse_args(argv)
     if args.samples is None and args.make_ref is None:
         ap.error("give samples to score, or --make-ref NAME")
-    if args.batch_size < 1:
-        ap.error("--batch-size must be >= 1")
+    if args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):
+        ap.error("--batch-size and --image-size must be >= 1")
     return args
 
 

@@ -266,3 +266,20 @@ def test_fid_bad_input_is_named_before_any_network(tmp_path, capsys, monkeypatch
     msg = one_line_error(e, capsys)
     assert expect in msg and "download" not in msg and "delete" not in msg
     assert snapshot(tmp_path) == before
+
+
+def test_image_folder_batches_center_crop_mixed_sizes(tmp_path):
+    """A folder of mixed sizes (COCO val2014) is refused as is, and with image_size each image is
+    data.center_crop_resize'd first, exactly."""
+    from data import center_crop_resize
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(40, 30), (24, 50), (32, 32)]):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    with pytest.raises(RunError, match="differ in size"):
+        fid.image_folder_batches(str(tmp_path), 2)
+    batches, n = fid.image_folder_batches(str(tmp_path), 2, image_size=16)
+    got = np.concatenate(list(batches))
+    assert n == 3 and got.shape == (3, 16, 16, 3)
+    for i in range(3):
+        with Image.open(tmp_path / f"{i}.png") as im:
+            assert np.array_equal(got[i], center_crop_resize(im, 16).permute(1, 2, 0).numpy())
