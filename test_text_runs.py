@@ -179,3 +179,12 @@ def test_v_prediction_runs_get_their_own_folder():
     eps = train_cifar.parse_args(["--backbone", "uvit", "--prediction", "eps"], gpu=False)
     assert default_out_dir(eps) == "runs/uvit-U-ViT-Tiny-cifar10-cond-conv=False-patch_size=4"
     assert default_out_dir(train_cifar.parse_args(["--backbone", "uvit"])) == "runs/uvit-U-ViT-S-2-cifar10"
+
+
+def test_fid_during_a_caption_run_draws_held_out_prompts(tmp_path, cifar_dir, small_clip, fake_inception):
+    out = tmp_path / "run"
+    train_cifar.main(T2I + ["--data-dir", cifar_dir, "--clip", small_clip, "--out-dir", str(out), "--steps", "2",
+                            "--fid-every", "2", "--fid-samples", "6", "--fid-ref", str(fake_inception[1])])
+    with open(out / "log.jsonl") as f:
+        fids = [r for r in map(json.loads, f) if "fid" in r]
+    assert [r["step"] for r in fids] == [2] and fids[0]["fid_samples"] == 6 and fids[0]["fid"] > 0
