@@ -188,3 +188,21 @@ def test_fid_during_a_caption_run_draws_held_out_prompts(tmp_path, cifar_dir, sm
     with open(out / "log.jsonl") as f:
         fids = [r for r in map(json.loads, f) if "fid" in r]
     assert [r["step"] for r in fids] == [2] and fids[0]["fid_samples"] == 6 and fids[0]["fid"] > 0
+
+
+def test_sampling_the_official_release_layout_with_prompts(tmp_path, tiny_vae, capsys):
+    """A file in the layout of mscoco_uvit_small.pth (random weights) samples through sample.py with --prompt,
+    --clip and --vae: the official settings (dpm++3s, cfg 2), a captioned row per prompt."""
+    import uvit
+    from conftest import randomized
+    torch.manual_seed(0)
+    model = randomized(uvit.MODELS["U-ViT-S/2-T2I"](), gain=0.02)
+    torch.save(model.state_dict(), tmp_path / "mscoco_uvit_small.pth")
+    wide = clip.write_small_clip(str(tmp_path / "clip-768"), TEXTS, width=768, layers=1, heads=12, context_length=77)
+    out = tmp_path / "t.png"
+    sample.main(["--ckpt", str(tmp_path / "mscoco_uvit_small.pth"), "--vae", tiny_vae, "--clip", wide,
+                 "--prompt", "a photo of the cat", "--prompt", "a small dog", "--num-samples", "2", "--steps", "3",
+                 "--out", str(out)])
+    said = capsys.readouterr().out
+    assert "dpm++3s 3 steps, cfg 2" in said
+    assert image(out).shape == (2 + 2 * (64 + 2) + 2 * 12, 2 + 66, 3)  # 32x32 latents -> 64 px; a row per prompt
