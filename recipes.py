@@ -76,8 +76,8 @@ TEXT_RECIPES = {
                              sample_every=700, ckpt_every=200),
 }
 # ----- CPU-sized recipes: what `train_cifar.py --backbone X` trains on a machine without a GPU -----
-# Each paper's recipe cut to show class-conditional CIFAR-10 samples (a grid row per class) on 2 CPU cores in about
-# 15 minutes (measured: README, "What a CPU can do"). Common to all: the backbone's Tiny model at patch 4 (64
+# Each paper's recipe cut to show class-conditional CIFAR-10 samples (a grid row per class) on 2 CPU cores in
+# 8-12 minutes (measured: README, "What a CPU can do"). Common to all: the backbone's Tiny model at patch 4 (64
 # tokens, a quarter of patch 2's work per image), labels (GenViT's denoiser has none), about one epoch, a warm-up of
 # a few percent of the run (the papers' would never end), a grid half-way and at the end (guided, cfg 3: a row per
 # class that looks like its class), a checkpoint every few minutes. The EMA ramp-up (training.ema_decay) makes the
@@ -191,7 +191,7 @@ def check_sampler(sampler, diffusion, formulation):
                        f"{', '.join(diffusion.SAMPLERS)}")
 
 
-# Where no GPU is visible this trains the backbone's CPU recipe (about 15 minutes on 2 cores: README, "What a CPU
+# Where no GPU is visible this trains the backbone's CPU recipe (8-12 minutes on 2 cores: README, "What a CPU
 # can do"); on a GPU, the paper's.
 CPU_COMMAND = "python train_cifar.py --backbone {backbone}"
 
@@ -201,7 +201,7 @@ def note_recipe(args):
     paper = paper_recipe(args.backbone, args.dataset)
     if args.recipe == "cpu":
         print(f"no GPU: the CPU-sized recipe ({args.model} at batch {args.batch_size} for {args.steps:,} steps, about "
-              f"15 min on 2 cores; recipes.py CPU_RECIPES); --paper-recipe trains the paper's {paper['model']} for "
+              f"10 min on 2 cores; recipes.py CPU_RECIPES); --paper-recipe trains the paper's {paper['model']} for "
               f"{paper['steps']:,} steps")
     elif args.model == paper["model"] and args.dataset in TEXT_RECIPES:
         print(f"note: {args.model} for {args.steps:,} steps is the paper's GPU recipe and would run for months on a "
@@ -209,7 +209,7 @@ def note_recipe(args):
               "\"Text-to-image\")")
     elif args.model == paper["model"]:
         cpu = CPU_COMMAND.format(backbone=args.backbone)
-        plain_cpu = f"where no GPU is visible `{cpu}` trains the CPU-sized recipe (about 15 min on 2 cores); "
+        plain_cpu = f"where no GPU is visible `{cpu}` trains the CPU-sized recipe (about 10 min on 2 cores); "
         if args.dataset != "cifar10":  # the CPU recipe is CIFAR-10's: its sizes, spelled out, on these data
             cpu, plain_cpu = f"{cpu} --dataset {args.dataset} --data-dir {args.data_dir}", ""
         spelled = recipe_flags({k: v for k, v in CPU_RECIPES[args.backbone].items() if k != "class_cond"

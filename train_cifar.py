@@ -3,7 +3,7 @@ Train a diffusion transformer (DiT, U-ViT, DiffiT, GenViT) on CIFAR-10, an image
 on one GPU (or the CPU) with each paper's recipe; resumable, with an EMA model, sample grids and logs.
 
   python train_cifar.py --backbone uvit                 # U-ViT-S/2, U-ViT's CIFAR-10 recipe (unconditional)
-                                                        # (no GPU: U-ViT-Tiny's CPU recipe, ~15 min; --paper-recipe)
+                                                        # (no GPU: U-ViT-Tiny's CPU recipe, ~10 min; --paper-recipe)
   python train_cifar.py --backbone dit --class-cond     # DiT-S/2, class-conditional with label dropout for CFG
   python train_cifar.py --backbone genvit --hybvit      # HybViT: GenViT + its classifier, test accuracy logged
   python train_cifar.py --backbone dit --dataset folder --data-dir ~/pets --image-size 64 --model DiT-S/4
